@@ -1,0 +1,56 @@
+"""Profiles: how big a run is.
+
+paper  the papers' settings (for a GPU).
+quick  sized for a 2-core CPU: the full training set, far fewer epochs. Every output of
+       a quick run says so; its numbers are not the papers' numbers.
+smoke  seconds: a few hundred images, for tests.
+
+A profile fixes the data sizes and the no-defence training recipe; every defence has
+its own per-profile config next to its code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .train.engine import OptimConfig
+from .train.supervised import TrainConfig
+
+PROFILES = ("smoke", "quick", "paper")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    note: str
+    train_subset: int | None
+    test_subset: int | None
+    baseline: TrainConfig
+    monitor_every_epoch: bool
+
+
+def get_profile(name: str) -> Profile:
+    if name == "paper":
+        return Profile(
+            "paper", "paper profile: the papers' settings (100-epoch baselines); meant for a GPU",
+            None, None,
+            TrainConfig(epochs=100, batch_size=128, augment="weak",
+                        optim=OptimConfig(lr=0.1, weight_decay=5e-4, schedule="cosine")),
+            True)
+    if name == "quick":
+        return Profile(
+            "quick", "quick profile: full training set, epochs scaled down for a 2-core CPU; "
+                     "not the papers' numbers",
+            None, None,
+            TrainConfig(epochs=15, batch_size=128, augment="weak", label_smoothing=0.1, ema_decay=0.995,
+                        optim=OptimConfig(lr=0.2, weight_decay=5e-4, schedule="onecycle", warmup_epochs=3,
+                                          warmup_start=0.1)),
+            False)
+    if name == "smoke":
+        return Profile(
+            "smoke", "smoke profile: a few hundred images and a few epochs, for tests only",
+            512, 256,
+            TrainConfig(epochs=2, batch_size=64, augment="weak",
+                        optim=OptimConfig(lr=0.05, weight_decay=5e-4, schedule="constant")),
+            True)
+    raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")

@@ -1,0 +1,188 @@
+"""`unpoison run`: one dataset, one attack, one defence, one model -> metrics.json.
+
+The flow is DESIGN.md's: load -> attack.poison -> defence.fit(untrusted set) -> evaluate.
+The poison mask stays here, in the PoisonedSet and the evaluation monitor; the defence
+gets `poisoned.untrusted()` and hooks that return nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import artifacts
+from .attacks import build_attack
+from .attacks.base import Attack, PoisonedSet
+from .data import load_dataset
+from .data.imageset import ImageSet
+from .defenses import build_defense
+from .defenses.base import DefenseContext, to_plain
+from .io import environment, write_json
+from .metrics import backdoor_metrics, detection_metrics, subset_accuracy
+from .profiles import get_profile
+from .runtime import Runtime, generator
+
+
+@dataclass
+class RunConfig:
+    dataset: str = "cifar10"
+    attack: str = "none"
+    defense: str = "none"
+    model: str = "wrn16-1"
+    profile: str = "quick"
+    seed: int = 0
+    out: str = "runs/run"
+    data_root: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    train_subset: int | None = None
+    test_subset: int | None = None
+    attack_params: dict[str, Any] = field(default_factory=dict)
+    defense_params: dict[str, Any] = field(default_factory=dict)
+    resume: bool = False
+    save_model: bool = False
+    progress: bool = True
+    monitor: str = "auto"        # auto | stages | epochs
+    share_models: bool = True    # reuse identical trained models across runs (cache)
+
+
+class Monitor:
+    """Measures models from outside the defence: CA/ASR per stage (and per epoch when
+    asked, on a fixed subsample) plus training accuracy on poisoned vs clean samples."""
+
+    def __init__(self, test: ImageSet, attack: Attack, poisoned: PoisonedSet, runtime: Runtime,
+                 every_epoch: bool, seed: int, sample: int = 2000) -> None:
+        self.test, self.attack, self.runtime = test, attack, runtime
+        self.every_epoch = every_epoch
+        self.backdoor = attack.backdoor_test(test) if attack.name != "none" else None
+        g = generator(seed, "monitor")
+        self.test_sample = test.head(sample, g)
+        self.train_sample, self.sample_is_poison = self._train_sample(poisoned, sample, g)
+        self.curves: list[dict] = []
+        self.stage_metrics: dict[str, dict] = {}
+
+    @staticmethod
+    def _train_sample(poisoned: PoisonedSet, n: int, g: torch.Generator):
+        poison = poisoned.poison_index
+        clean = (~poisoned.is_poison).nonzero().flatten()
+        pick = torch.cat([poison[torch.randperm(len(poison), generator=g)[: n // 2]],
+                          clean[torch.randperm(len(clean), generator=g)[: n // 2]]])
+        return poisoned.train.subset(pick), poisoned.is_poison[pick]
+
+    def on_epoch(self, stage: str, model: nn.Module, epoch: int) -> None:
+        if not self.every_epoch:
+            return
+        record = {"stage": stage, "epoch": epoch + 1}
+        record.update(backdoor_metrics(model, self.test_sample, self.attack, self.runtime))
+        record.update(subset_accuracy(model, self.train_sample, self.sample_is_poison, self.runtime))
+        self.curves.append(record)
+        shown = " ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float))
+        print(f"[monitor] {stage} epoch {epoch + 1}: {shown}", file=sys.stderr, flush=True)
+
+    def on_stage(self, stage: str, model: nn.Module) -> None:
+        metrics = backdoor_metrics(model, self.test, self.attack, self.runtime, self.backdoor)
+        self.stage_metrics[stage] = metrics
+        shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"[monitor] after stage {stage}: {shown}", file=sys.stderr, flush=True)
+
+
+def load_split(cfg: RunConfig, split: str, limit: int | None) -> ImageSet:
+    data = load_dataset(cfg.dataset, split, cfg.data_root)
+    if data.skipped:
+        print(f"[data] {cfg.dataset}/{split}: {len(data.skipped)} files skipped "
+              f"(first: {data.skipped[0]})", file=sys.stderr)
+    if limit:
+        data = data.head(limit, generator(cfg.seed, "subset", split))
+    return data
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    start = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for stale in ("log.jsonl", "metrics.json"):
+            (out / stale).unlink(missing_ok=True)
+    profile = get_profile(cfg.profile)
+    runtime = Runtime.create(cfg.device, cfg.precision, compile=cfg.compile)
+    print(f"[run] {profile.note}", file=sys.stderr)
+    print(f"[run] {runtime.describe()}", file=sys.stderr)
+
+    train = load_split(cfg, "train", cfg.train_subset or profile.train_subset)
+    test = load_split(cfg, "test", cfg.test_subset or profile.test_subset)
+
+    attack = build_attack(cfg.attack, **cfg.attack_params)
+    reused: list[str] = []
+    identity = {"dataset": cfg.dataset, "n_train": len(train), "seed": cfg.seed, "model": cfg.model,
+                "profile": cfg.profile, "train_digest": _digest(train)}
+
+    def shared(base: dict):
+        def shared_model(key: dict, build):
+            if not cfg.share_models:
+                return build()
+            full = {**identity, **base, **key}
+            model, hit = artifacts.cached_model(full, build, lambda: ctx.new_model(train))
+            if hit:
+                reused.append(f"{key.get('stage', 'model')} (cache {artifacts.cache_key(full)})")
+                print(f"[run] reusing cached model for {key.get('stage')}: identical data, recipe and seed",
+                      file=sys.stderr)
+            return runtime.prepare_model(model).eval()
+        return shared_model
+
+    ctx = DefenseContext(runtime, cfg.profile, cfg.seed, cfg.model, out, progress=cfg.progress,
+                         shared_model=shared({"attack": "none"}), log_path=out / "log.jsonl")
+    attack.prepare(train, ctx)
+    poisoned = attack.poison(train, generator(cfg.seed, "poison"))
+
+    defense = build_defense(cfg.defense, cfg.profile, **cfg.defense_params)
+    every_epoch = cfg.monitor == "epochs" or (cfg.monitor == "auto" and profile.monitor_every_epoch)
+    monitor = Monitor(test, attack, poisoned, runtime, every_epoch, cfg.seed)
+    ctx.on_epoch, ctx.on_stage = monitor.on_epoch, monitor.on_stage
+    ctx.shared_model = shared({"attack": attack.describe()})
+
+    result = defense.fit(poisoned.untrusted(), ctx)
+
+    final = backdoor_metrics(result.model, test, attack, runtime, monitor.backdoor)
+    stages = [{**s, **monitor.stage_metrics.get(s["name"], {})} for s in result.stages]
+    metrics: dict[str, Any] = {
+        "dataset": cfg.dataset, "attack": cfg.attack, "defense": cfg.defense, "model": cfg.model,
+        "profile": cfg.profile, "seed": cfg.seed, "n_train": len(train), "n_test": len(test),
+        "n_poisoned": poisoned.n_poisoned, "poison_rate": attack.rate,
+        "target": attack.target if attack.mode == "all2one" and attack.name != "none" else None,
+        **final,
+        "wall_seconds": round(time.perf_counter() - start, 1), "device": runtime.describe(),
+        "stages": stages,
+        "attack_config": attack.describe(), "defense_config": defense.describe(),
+        "profile_note": profile.note, "environment": environment(),
+        "reused_models": reused, "notes": result.notes,
+    }
+    if result.suspicion is not None or result.flagged is not None:
+        scores = result.suspicion if result.suspicion is not None else result.flagged.float()
+        metrics["detection"] = detection_metrics(scores, poisoned.is_poison, result.flagged)
+    if monitor.curves:
+        metrics["curves"] = monitor.curves
+    write_json(out / "metrics.json", metrics)
+    if cfg.save_model:
+        artifacts.save_model(out / "model.pt", artifacts.unwrap(result.model), cfg.model, train.classes,
+                             train.image_size, {"run": to_plain(cfg), "clean_acc": final["clean_acc"],
+                                                "asr": final["asr"]})
+    return metrics
+
+
+def _digest(data: ImageSet) -> str:
+    """A cheap fingerprint of a dataset's contents, so cached models never cross datasets."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(data.labels.numpy().tobytes())
+    h.update(data.images[:: max(1, len(data) // 997)].numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,50 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import data_root, requires_cifar
+from unpoison.run import RunConfig, run
+
+CONTRACT = {"dataset", "attack", "defense", "model", "profile", "seed", "n_train", "n_poisoned", "poison_rate",
+            "target", "clean_acc", "asr", "robust_acc", "wall_seconds", "device", "stages"}
+
+
+@requires_cifar
+def test_run_writes_the_metrics_contract(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "unpoison.cli", "run", "--profile", "smoke", "--attack", "badnets",
+           "--out", str(out), "--data-root", str(data_root()), "--no-progress", "--device", "cpu"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert CONTRACT <= set(metrics)
+    assert metrics["profile"] == "smoke" and metrics["n_train"] == 512 and metrics["n_poisoned"] == 51
+    assert 0 <= metrics["clean_acc"] <= 1 and 0 <= metrics["asr"] <= 1
+    assert metrics["stages"][0]["name"] == "train" and {"seconds", "epochs"} <= set(metrics["stages"][0])
+
+
+@requires_cifar
+def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+    from unpoison.train import engine as engine_module
+
+    base = dict(profile="smoke", attack="badnets", data_root=str(data_root()), device="cpu", progress=False,
+                share_models=False, defense_params={"train.epochs": 3})
+    reference = run(RunConfig(out=str(tmp_path / "a"), **base))
+
+    original = engine_module.Engine._save
+    calls = {"n": 0}
+
+    def killed_after_two_epochs(self):
+        original(self)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_module.Engine, "_save", killed_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        run(RunConfig(out=str(tmp_path / "b"), **base))
+    monkeypatch.setattr(engine_module.Engine, "_save", original)
+    resumed = run(RunConfig(out=str(tmp_path / "b"), resume=True, **base))
+    for key in ("clean_acc", "asr", "robust_acc", "n_poisoned"):
+        assert resumed[key] == reference[key]
