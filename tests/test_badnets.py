@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from conftest import toy_dataset
-from unpoison.attacks import BadNets, build_attack
+from unpoison.attacks import build_attack
+from unpoison.attacks.badnets import BadNets
 
 
 def test_grid_patch_changes_only_the_bottom_right_3x3():

@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from conftest import toy_dataset
-from unpoison.attacks import BadNets
+from unpoison.attacks.badnets import BadNets
 from unpoison.metrics import backdoor_metrics, defense_effectiveness_rating, detection_metrics
 
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import sys
 from typing import Any, Sequence
 
 from . import __version__
+
+# one module per verb in unpoison/commands/, each with register(subparsers)
+COMMANDS = ("run", "poison", "bench", "report", "scan", "train", "predict", "repair")
 
 
 def _key_values(pairs: Sequence[str] | None) -> dict[str, Any]:
@@ -42,78 +47,17 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def add_run_parser(sub) -> None:
-    p = sub.add_parser("run", help="one attack, one defence, one model: writes OUT/metrics.json",
-                       description="Poison a dataset, train with a defence, and measure CA / ASR / RA.")
-    p.add_argument("--dataset", default="cifar10", help="cifar10 or gtsrb (default: cifar10)")
-    p.add_argument("--attack", default="none", help="attack name (default: none)")
-    p.add_argument("--defense", default="none", help="defence name (default: none)")
-    p.add_argument("--model", default="wrn16-1", help="architecture (default: wrn16-1)")
-    p.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--data-root", default=None, help="folder with the datasets (default: $UNPOISON_DATA)")
-    p.add_argument("--train-subset", type=int, default=None, help="use N random training images")
-    p.add_argument("--test-subset", type=int, default=None, help="use N random test images")
-    p.add_argument("--epochs", type=int, default=None, help="epochs of the defence's main training stage")
-    g = p.add_argument_group("attack parameters")
-    g.add_argument("--target", type=int, default=None, help="target class (default 0)")
-    g.add_argument("--poison-rate", type=float, default=None, help="fraction of the training set (default 0.1)")
-    g.add_argument("--attack-mode", choices=["all2one", "all2all"], default=None)
-    g.add_argument("--trigger", default=None, help="trigger variant of the attack (e.g. grid, square)")
-    g.add_argument("--trigger-size", type=int, default=None, help="patch side in pixels")
-    g.add_argument("--trigger-pos", default=None, help="ROW,COL of the patch's top-left pixel")
-    g.add_argument("--alpha", type=float, default=None, help="blend ratio of blended triggers")
-    g.add_argument("--attack-param", action="append", metavar="KEY=VALUE", help="any other attack parameter")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="defense_set",
-                   help="override a defence setting, dotted for nested ones (e.g. train.optim.lr=0.05)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints after an interruption")
-    p.add_argument("--save-model", action="store_true", help="also write OUT/model.pt")
-    p.add_argument("--monitor", choices=["auto", "stages", "epochs"], default="auto",
-                   help="measure CA/ASR after every epoch (epochs) or only after each stage")
-    p.add_argument("--no-share", action="store_true", help="do not reuse cached models between runs")
-    add_runtime_options(p)
-    p.set_defaults(func=cmd_run)
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from .defenses import DEFENSES
-    from .run import RunConfig, run
-
-    attack_params = {"target": args.target, "rate": args.poison_rate, "mode": args.attack_mode,
-                     "trigger": args.trigger, "size": args.trigger_size, "position": _position(args.trigger_pos),
-                     "alpha": args.alpha, **_key_values(args.attack_param)}
-    defense_params = _key_values(args.defense_set)
-    if args.epochs is not None:
-        if args.defense not in DEFENSES:
-            raise SystemExit(f"unknown defense {args.defense!r}; known: {', '.join(DEFENSES)}")
-        defense_params[DEFENSES[args.defense].main_epochs] = args.epochs
-    cfg = RunConfig(dataset=args.dataset, attack=args.attack, defense=args.defense, model=args.model,
-                    profile=args.profile, seed=args.seed, out=args.out, data_root=args.data_root,
-                    device=args.device, precision=args.precision, compile=args.compile,
-                    train_subset=args.train_subset, test_subset=args.test_subset,
-                    attack_params={k: v for k, v in attack_params.items() if v is not None},
-                    defense_params=defense_params, resume=args.resume, save_model=args.save_model,
-                    progress=not args.no_progress, monitor=args.monitor, share_models=not args.no_share)
-    metrics = run(cfg)
-    shown = {k: metrics[k] for k in ("clean_acc", "asr", "robust_acc", "n_poisoned", "wall_seconds")}
-    if "detection" in metrics:
-        shown["detection_auroc"] = metrics["detection"]["auroc"]
-    print(json.dumps(shown))
-    print(f"wrote {args.out}/metrics.json ({metrics['profile_note']})", file=sys.stderr)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unpoison", description=__doc__)
     parser.add_argument("--version", action="version", version=f"unpoison {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_run_parser(sub)
+    for name in COMMANDS:
+        if importlib.util.find_spec(f"unpoison.commands.{name}") is not None:
+            importlib.import_module(f"unpoison.commands.{name}").register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .attacks.base import Attack  # noqa: F401  (import errors surface before argument errors)
     from .data import DataFormatError, DatasetNotFound
 
     parser = build_parser()

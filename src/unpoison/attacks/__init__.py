@@ -1,24 +1,27 @@
-"""Backdoor attacks, by name. Each one file; all share the Attack interface."""
+"""Backdoor attacks, by name. Each one file; all share the Attack interface (base.py)."""
 
 from __future__ import annotations
 
 import inspect
 from typing import Any
 
-from .badnets import BadNets
+from ..registry import Registry
 from .base import Attack, BackdoorTest, NoAttack, PoisonedSet, blend, stamp
 
-ATTACKS: dict[str, type[Attack]] = {
-    "none": NoAttack,
-    "badnets": BadNets,
-}
+ATTACKS = Registry("attack", __name__, {
+    "none": "base:NoAttack",
+    "badnets": "badnets:BadNets",
+    "blended": "blended:Blended",
+    "sig": "sig:SIG",
+    "trojannn": "trojannn:TrojanNN",
+    "lc": "lc:LabelConsistent",
+    "wanet": "wanet:WaNet",
+})
 
 
 def build_attack(name: str, **params: Any) -> Attack:
     """Build an attack from its name and the parameters it accepts (None values are ignored)."""
-    if name not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
-    cls = ATTACKS[name]
+    cls = ATTACKS.get(name)
     accepted = inspect.signature(cls.__init__).parameters
     given = {k: v for k, v in params.items() if v is not None}
     unknown = sorted(set(given) - set(accepted))

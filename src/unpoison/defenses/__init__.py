@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..registry import Registry
 from .base import Defense, DefenseContext, DefenseResult, StageTimer, apply_overrides, to_plain
-from .none import NoDefense
 
-DEFENSES: dict[str, type[Defense]] = {
-    "none": NoDefense,
-}
+DEFENSES = Registry("defense", __name__, {
+    "none": "none:NoDefense",
+    "dlp": "dlp:DLP",
+    "abl": "abl:ABL",
+    "cbd": "cbd:CBD",
+    "dst": "dst:DST",
+    "dbr": "dbr:DBR",
+})
 
 
 def build_defense(name: str, profile: str, **overrides: Any) -> Defense:
-    if name not in DEFENSES:
-        raise ValueError(f"unknown defense {name!r}; known: {', '.join(DEFENSES)}")
-    return DEFENSES[name].for_profile(profile, **overrides)
+    return DEFENSES.get(name).for_profile(profile, **overrides)
 
 
 __all__ = ["DEFENSES", "Defense", "DefenseContext", "DefenseResult", "StageTimer", "apply_overrides",

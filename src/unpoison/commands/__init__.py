@@ -1,0 +1,1 @@
+"""The verbs of the `unpoison` command, one module each (see cli.COMMANDS)."""

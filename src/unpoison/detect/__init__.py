@@ -1,0 +1,22 @@
+"""Poisoned-sample detectors, by name (one file each)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..registry import Registry
+from .base import Detection, Detector
+
+DETECTORS = Registry("detector", __name__, {
+    "fct": "fct:FCT",
+    "entropy": "entropy:EntropyDetector",
+    "loss": "loss:LossDetector",
+    "spectral": "spectral:SpectralSignature",
+})
+
+
+def build_detector(name: str, profile: str, **overrides: Any) -> Detector:
+    return DETECTORS.get(name).for_profile(profile, **overrides)
+
+
+__all__ = ["DETECTORS", "Detection", "Detector", "build_detector"]
