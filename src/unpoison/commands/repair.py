@@ -1,0 +1,145 @@
+"""`unpoison repair`: remove a backdoor from a model the user brings, with D-BR.
+
+D-BR (Chen et al. 2022) splits the untrusted training data by FCT into suspected-poisoned
+and trusted-clean images, then alternates unlearning the first with relearning the
+second. The model must be an unpoison model.pt (read with weights_only=True); the data is
+the ImageFolder it was trained on (or one like it), with the model's class names.
+Writes OUT/model.pt, OUT/suspects.csv, OUT/report.html, OUT/repair.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..cli import _key_values, add_runtime_options
+from .train import add_held_out_options, write_run_report
+
+OUTPUTS = ("model.pt", "suspects.csv", "suspects.png", "report.html", "repair.json", "skipped.txt")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("repair", help="remove a backdoor from a trained model with D-BR",
+                       description="Remove a backdoor from a model.pt with D-BR, using the untrusted "
+                                   "ImageFolder it was trained on.")
+    p.add_argument("--model", required=True, help="model.pt to repair, or the folder that holds it")
+    p.add_argument("--data", required=True, help="ImageFolder the model was trained on (directory or archive)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help="epochs of the unlearn/relearn loop")
+    add_held_out_options(p)
+    p.add_argument("--split", default="auto", help="subfolder to use (default: train/ when present)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="defense_set",
+                   help="override a D-BR setting, dotted for nested ones")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints after an interruption")
+    p.add_argument("--no-share", action="store_true", help="do not reuse models of identical earlier runs")
+    add_runtime_options(p)
+    p.set_defaults(func=cmd_repair)
+
+
+def load_dbr():
+    """D-BR's `repair(model, data, ctx, config)` and its config class, or a clear error."""
+    from ..defenses import DEFENSES
+    from .. import workflow as wf
+
+    if "dbr" not in DEFENSES:
+        raise wf.UserError("D-BR is not available in this installation (no unpoison.defenses.dbr module)")
+    import importlib
+
+    module = importlib.import_module("unpoison.defenses.dbr")
+    if not hasattr(module, "repair"):
+        raise wf.UserError("unpoison.defenses.dbr has no repair(model, data, ctx, config) function")
+    return module.repair, DEFENSES.get("dbr")
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from torch import nn
+
+    from .. import artifacts
+    from .. import workflow as wf
+    from ..defenses.base import DefenseResult, apply_overrides
+    from ..io import environment
+    from ..profiles import get_profile
+    from ..runtime import Runtime
+    from .predict import load_user_model
+
+    start = time.perf_counter()
+    data_path, out = wf.check_paths(args.data, args.out)
+    repair, dbr_class = load_dbr()
+    params = _key_values(args.defense_set)
+    if args.epochs is not None:
+        params[dbr_class.main_epochs] = args.epochs
+    config = apply_overrides(dbr_class.Config.for_profile(args.profile), params)
+    profile = get_profile(args.profile)
+    runtime = Runtime.create(args.device, args.precision, compile=args.compile)
+    model, info = load_user_model(Path(args.model).expanduser(), runtime)
+    architecture, classes, size = info["architecture"], list(info["classes"]), tuple(info["input_size"])
+    wf.prepare_out(out, args.resume, OUTPUTS)
+    wf.say(f"[repair] {profile.note}")
+    wf.say(f"[repair] {runtime.describe()}; model {architecture} with {len(classes)} classes")
+
+    data = wf.load_training_data(data_path, args.split, size, args.val_split, args.test, args.seed, classes=classes)
+    wf.write_skipped(out, data.skipped)
+    unknown = [s for s in data.train.skipped if "not one of the known classes" in s]
+    if unknown:
+        wf.say(f"[data] warning: {len(unknown)} images are in class folders the model does not know; "
+               f"first: {unknown[0]}")
+    before = wf.accuracy(model, data.held_out, runtime) if data.held_out is not None else None
+    if before is not None:
+        wf.say(f"[held-out] before repair: accuracy {before:.4f}")
+
+    ctx = wf.user_context(out, runtime, args.profile, args.seed, architecture, not args.no_progress,
+                          not args.no_share, data.train)
+    monitor = wf.HeldOutMonitor(data.held_out, runtime, out, args.seed)
+    monitor.attach(ctx)
+    result = repair(model, data.train, ctx, config)
+    if isinstance(result, nn.Module):
+        result = DefenseResult(result)
+    if not isinstance(result, DefenseResult):
+        raise TypeError(f"D-BR's repair() returned {type(result).__name__}, expected a model or DefenseResult")
+
+    repaired = artifacts.unwrap(result.model)
+    after = wf.accuracy(repaired, data.held_out, runtime) if data.held_out is not None else None
+    scores = result.suspicion.detach().float().cpu() if result.suspicion is not None else None
+    flagged = result.flagged.bool().cpu() if result.flagged is not None else None
+    summary = wf.flag_summary(data.train, flagged) if flagged is not None else None
+    record = {
+        "command": "repair", "data": data.source, "defense": "dbr", "model": architecture,
+        "repaired_model": str(args.model), "profile": args.profile, "profile_note": profile.note,
+        "seed": args.seed, "n_train": len(data.train), "classes": classes, "held_out": data.held_out_source,
+        "n_held_out": len(data.held_out) if data.held_out is not None else 0,
+        "held_out_acc_before": before, "held_out_acc": after, "held_out_acc_by_stage": monitor.stages,
+        "n_flagged": summary["n_flagged"] if summary else None,
+        "flagged_concentrate_in": summary["concentrated_in"] if summary else None,
+        "n_skipped": len(data.skipped), "warnings": data.warnings, "resize_policy": wf.resize_policy(size),
+        "stages": result.stages, "notes": result.notes,
+        "defense_config": {"name": "dbr", **_plain(config)}, "device": runtime.describe(),
+        "environment": environment(), "wall_seconds": round(time.perf_counter() - start, 1),
+    }
+    metadata = {k: record[k] for k in ("command", "data", "repaired_model", "profile", "seed", "held_out",
+                                       "held_out_acc_before", "held_out_acc", "resize_policy", "defense_config")}
+    metadata["previous"] = info.get("metadata", {})
+    artifacts.save_model(out / "model.pt", repaired, architecture, classes, size, metadata)
+    wf.write_suspects(out / "suspects.csv", data.train, scores, flagged)
+    if scores is not None:
+        wf.save_suspect_grid(out / "suspects.png", data.train, scores, flagged)
+    wf.write_summary(out / "repair.json", record)
+    write_run_report(out, "unpoison repair (D-BR)", record, summary, monitor.curves())
+
+    fmt = lambda v: f"{v:.4f}" if v is not None else "n/a"  # noqa: E731
+    print(f"held-out accuracy: {fmt(before)} before, {fmt(after)} after repair ({data.held_out_source})")
+    if summary is not None:
+        for line in wf.summary_lines(summary):
+            print(line)
+    print(f"wrote {out}/model.pt, {out}/suspects.csv, {out}/report.html")
+    return 0
+
+
+def _plain(config) -> dict:
+    from ..defenses.base import to_plain
+
+    plain = to_plain(config)
+    return plain if isinstance(plain, dict) else {"config": str(plain)}

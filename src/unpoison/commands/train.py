@@ -1,0 +1,132 @@
+"""`unpoison train`: a model that resists the backdoor, from an untrusted ImageFolder.
+
+Writes OUT/model.pt (state dict + plain metadata, loadable with weights_only=True),
+OUT/suspects.csv (what the defence set aside, most suspicious first), OUT/report.html,
+OUT/train.json; accuracy is measured on held-out images only (`--test DIR`, the folder's
+own test/, or a stratified `--val-split`), since a user's run has no ground truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ..cli import _key_values, add_runtime_options
+
+OUTPUTS = ("model.pt", "suspects.csv", "suspects.png", "report.html", "train.json", "skipped.txt")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a backdoor-resistant model on an untrusted ImageFolder",
+                       description="Train a model that resists a backdoor hidden in an untrusted ImageFolder "
+                                   "(DIR/<class>/<image>, a directory or a .tar.gz).")
+    p.add_argument("--data", required=True, help="ImageFolder directory or archive (a train/ inside is used)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--defense", default="dlp", help="dlp (default), cbd, dst, abl, none ...")
+    p.add_argument("--model", default="wrn16-1", help="architecture (default: wrn16-1)")
+    p.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help="epochs of the defence's main training stage")
+    add_held_out_options(p)
+    p.add_argument("--image-size", type=int, default=32, help="images are resized to this square size (default 32)")
+    p.add_argument("--split", default="auto", help="subfolder to train on (default: train/ when present)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="defense_set",
+                   help="override a defence setting, dotted for nested ones (e.g. train.optim.lr=0.05)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints after an interruption")
+    p.add_argument("--no-share", action="store_true", help="do not reuse models of identical earlier runs")
+    add_runtime_options(p)
+    p.set_defaults(func=cmd_train)
+
+
+def add_held_out_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--test", default=None, help="held-out ImageFolder with the same class names")
+    p.add_argument("--val-split", type=float, default=None,
+                   help="hold out this fraction of every class (default 0.1 when there is no test set; 0: none)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .. import artifacts
+    from .. import workflow as wf
+    from ..defenses import DEFENSES, build_defense
+    from ..io import environment
+    from ..profiles import get_profile
+    from ..runtime import Runtime
+
+    start = time.perf_counter()
+    data_path, out = wf.check_paths(args.data, args.out)
+    params = _key_values(args.defense_set)
+    if args.epochs is not None:
+        params[DEFENSES.get(args.defense).main_epochs] = args.epochs
+    defense = build_defense(args.defense, args.profile, **params)
+    profile = get_profile(args.profile)
+    runtime = Runtime.create(args.device, args.precision, compile=args.compile)
+    wf.prepare_out(out, args.resume, OUTPUTS)
+    wf.say(f"[train] {profile.note}")
+    wf.say(f"[train] {runtime.describe()}")
+
+    data = wf.load_training_data(data_path, args.split, args.image_size, args.val_split, args.test, args.seed)
+    wf.write_skipped(out, data.skipped)
+    ctx = wf.user_context(out, runtime, args.profile, args.seed, args.model, not args.no_progress,
+                          not args.no_share, data.train)
+    monitor = wf.HeldOutMonitor(data.held_out, runtime, out, args.seed)
+    monitor.attach(ctx)
+
+    result = defense.fit(data.train, ctx)
+
+    model = artifacts.unwrap(result.model)
+    held_out_acc = wf.accuracy(model, data.held_out, runtime) if data.held_out is not None else None
+    scores = result.suspicion.detach().float().cpu() if result.suspicion is not None else None
+    flagged = result.flagged.bool().cpu() if result.flagged is not None else None
+    summary = wf.flag_summary(data.train, flagged) if flagged is not None else None
+    record = {
+        "command": "train", "data": data.source, "defense": args.defense, "model": args.model,
+        "profile": args.profile, "profile_note": profile.note, "seed": args.seed, "n_train": len(data.train),
+        "classes": data.train.classes, "held_out": data.held_out_source,
+        "n_held_out": len(data.held_out) if data.held_out is not None else 0, "held_out_acc": held_out_acc,
+        "held_out_acc_by_stage": monitor.stages, "n_flagged": summary["n_flagged"] if summary else None,
+        "flagged_concentrate_in": summary["concentrated_in"] if summary else None,
+        "n_skipped": len(data.skipped), "warnings": data.warnings, "resize_policy": wf.resize_policy(data.image_size),
+        "stages": result.stages, "notes": result.notes, "defense_config": defense.describe(),
+        "device": runtime.describe(), "environment": environment(),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+    }
+    metadata = {k: record[k] for k in ("command", "data", "defense", "profile", "seed", "n_train", "held_out",
+                                       "held_out_acc", "resize_policy", "defense_config")}
+    artifacts.save_model(out / "model.pt", model, args.model, data.train.classes, data.image_size, metadata)
+    wf.write_suspects(out / "suspects.csv", data.train, scores, flagged)
+    if scores is not None:
+        wf.save_suspect_grid(out / "suspects.png", data.train, scores, flagged)
+    wf.write_summary(out / "train.json", record)
+    write_run_report(out, "unpoison train", record, summary, monitor.curves())
+
+    shown = f"{held_out_acc:.4f}" if held_out_acc is not None else "n/a (no held-out images)"
+    print(f"held-out accuracy: {shown} ({data.held_out_source})")
+    if summary is not None:
+        for line in wf.summary_lines(summary):
+            print(line)
+    else:
+        print(f"the {args.defense} defence ranks no images: suspects.csv lists them unscored")
+    print(f"wrote {out}/model.pt, {out}/suspects.csv, {out}/report.html")
+    return 0
+
+
+def write_run_report(out: Path, title: str, record: dict, summary: dict | None, curves: list[dict]) -> None:
+    """report.html of a user run: the summary, held-out accuracy per stage and epoch,
+    where the flagged images concentrate, and the most suspicious images."""
+    from .. import workflow as wf
+
+    shown = {k: record[k] for k in ("data", "defense", "model", "profile", "seed", "n_train", "held_out",
+                                    "held_out_acc", "n_flagged", "flagged_concentrate_in", "n_skipped",
+                                    "resize_policy", "wall_seconds", "device") if k in record}
+    stages = [{"stage": s.get("name"), "seconds": s.get("seconds"), "epochs": s.get("epochs"),
+               "held_out_acc": record.get("held_out_acc_by_stage", {}).get(s.get("name"))}
+              for s in record.get("stages", [])]
+    tables = {"Stages": stages, "Held-out accuracy per epoch": curves}
+    if summary is not None:
+        tables["Flagged images by class"] = [
+            {"class": c["class"], "flagged": c["flagged"], "class size": c["size"],
+             "share of flagged": c["share_of_flagged"]} for c in summary["classes"]]
+    notes = [record.get("profile_note", "")] + list(record.get("warnings", [])) + list(record.get("notes", []))
+    wf.write_report(out / "report.html", title, shown, [n for n in notes if n],
+                    {"Most suspicious images": out / "suspects.png"}, tables)
