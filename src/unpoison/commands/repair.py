@@ -109,7 +109,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
     record = {
         "command": "repair", "data": data.source, "defense": "dbr", "model": architecture,
         "repaired_model": str(args.model), "profile": args.profile, "profile_note": profile.note,
-        "seed": args.seed, "n_train": len(data.train), "classes": classes, "held_out": data.held_out_source,
+        "seed": args.seed, "n_train": len(data.train), "classes": classes,
+        "class_sizes": dict(zip(classes, data.train.class_counts().tolist())), "held_out": data.held_out_source,
         "n_held_out": len(data.held_out) if data.held_out is not None else 0,
         "held_out_acc_before": before, "held_out_acc": after, "held_out_acc_by_stage": monitor.stages,
         "n_flagged": summary["n_flagged"] if summary else None,

@@ -82,7 +82,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     record = {
         "command": "train", "data": data.source, "defense": args.defense, "model": args.model,
         "profile": args.profile, "profile_note": profile.note, "seed": args.seed, "n_train": len(data.train),
-        "classes": data.train.classes, "held_out": data.held_out_source,
+        "classes": data.train.classes,
+        "class_sizes": dict(zip(data.train.classes, data.train.class_counts().tolist())),
+        "held_out": data.held_out_source,
         "n_held_out": len(data.held_out) if data.held_out is not None else 0, "held_out_acc": held_out_acc,
         "held_out_acc_by_stage": monitor.stages, "n_flagged": summary["n_flagged"] if summary else None,
         "flagged_concentrate_in": summary["concentrated_in"] if summary else None,
@@ -124,9 +126,11 @@ def write_run_report(out: Path, title: str, record: dict, summary: dict | None, 
               for s in record.get("stages", [])]
     tables = {"Stages": stages, "Held-out accuracy per epoch": curves}
     if summary is not None:
-        tables["Flagged images by class"] = [
-            {"class": c["class"], "flagged": c["flagged"], "class size": c["size"],
+        tables["Classes (most flagged first)"] = [
+            {"class": c["class"], "training images": c["size"], "flagged": c["flagged"],
              "share of flagged": c["share_of_flagged"]} for c in summary["classes"]]
+    else:
+        tables["Classes"] = [{"class": c, "training images": n} for c, n in record.get("class_sizes", {}).items()]
     notes = [record.get("profile_note", "")] + list(record.get("warnings", [])) + list(record.get("notes", []))
     wf.write_report(out / "report.html", title, shown, [n for n in notes if n],
                     {"Most suspicious images": out / "suspects.png"}, tables)

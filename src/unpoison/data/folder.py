@@ -54,7 +54,11 @@ def decode_image(data: bytes, size: tuple[int, int]) -> np.ndarray:
     if not data:
         raise ValueError("empty file")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with warnings.catch_warnings():
+            # PIL warns at open() above its own limit; our MAX_PIXELS check below is stricter
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        with im:
             width, height = im.size
             if width * height > MAX_PIXELS:
                 raise ValueError(f"declared size {width}x{height} exceeds {MAX_PIXELS} pixels (decompression bomb?)")
@@ -232,7 +236,11 @@ def read_image_folder(path: str | Path, split: str | None = None, image_size: in
         if entry.class_name not in index:
             skipped.append(f"{entry.relpath}: class '{entry.class_name}' is not one of the known classes")
             continue
-        data = read(entry)
+        try:
+            data = read(entry)
+        except OSError as exc:  # a dangling symlink, a file without read permission, an I/O error
+            skipped.append(f"{entry.relpath}: cannot read: {exc.strerror or exc}")
+            continue
         if data is None:
             skipped.append(f"{entry.relpath}: file larger than {MAX_FILE_BYTES} bytes")
             continue
