@@ -88,6 +88,9 @@ class Runtime:
         model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if self.compile and not getattr(model, "_unpoison_compiled", False):
+            model.compile()  # in place: state_dict keys and the module type stay the same
+            model._unpoison_compiled = True
         return model
 
 

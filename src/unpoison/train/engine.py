@@ -41,6 +41,7 @@ class OptimConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     # constant | cosine | multistep | onecycle (linear warm-up then linear decay to 0)
+    # | fixmatch_cosine (lr * cos(7 pi t / 16): FixMatch's decay, ending at ~0.2 lr)
     schedule: str = "cosine"
     milestones: tuple[float, ...] = ()   # epochs where multistep multiplies the lr by gamma
     gamma: float = 0.1
@@ -63,6 +64,8 @@ def lr_at(cfg: OptimConfig, progress: float, total_epochs: float) -> float:
     elif cfg.schedule == "cosine":
         floor = cfg.lr * cfg.min_lr_fraction
         base = floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress / max(total_epochs, 1e-8), 1.0)))
+    elif cfg.schedule == "fixmatch_cosine":
+        base = cfg.lr * math.cos(7 * math.pi * min(progress / max(total_epochs, 1e-8), 1.0) / 16)
     elif cfg.schedule == "multistep":
         base = cfg.lr * cfg.gamma ** sum(progress >= m for m in cfg.milestones)
     else:
@@ -189,16 +192,19 @@ class Engine:
 
     def run_pass(self, batches: Iterable[Any], loss_fn: Callable[[Any], torch.Tensor], desc: str = "") -> float:
         """One pass: for each batch, loss_fn(batch) under autocast, then a step. Returns mean loss."""
-        total, count = 0.0, 0
+        total, count, images = 0.0, 0, 0
         batches = list(batches) if not hasattr(batches, "__len__") else batches
         bar = self._bar(batches, desc)
+        start = time.perf_counter()
         for batch in bar:
             with self.runtime.autocast():
                 loss = loss_fn(batch)
+            images += _batch_size(batch)
             total += self.step(loss, _batch_size(batch))
             count += 1
             if bar is not batches and count % 10 == 0:
-                bar.set_postfix(loss=f"{total / count:.3f}", refresh=False)
+                rate = images / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(loss=f"{total / count:.3f}", img_s=f"{rate:.0f}", refresh=False)
         return total / max(count, 1)
 
     def _bar(self, batches, desc):
