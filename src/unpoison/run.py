@@ -27,6 +27,7 @@ from .defenses.base import DefenseContext, to_plain
 from .io import environment, write_json
 from .metrics import backdoor_metrics, detection_metrics, subset_accuracy
 from .profiles import get_profile
+from .report.arrays import SCORES_FILE, TRIGGER_FILE, save_scores, save_trigger_examples
 from .runtime import Runtime, generator
 
 
@@ -52,6 +53,7 @@ class RunConfig:
     progress: bool = True
     monitor: str = "auto"        # auto | stages | epochs
     share_models: bool = True    # reuse identical trained models across runs (cache)
+    report: bool = True          # write OUT/report.html at the end (a second or two)
 
 
 class Monitor:
@@ -110,7 +112,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        for stale in ("log.jsonl", "metrics.json"):
+        for stale in ("log.jsonl", "metrics.json", TRIGGER_FILE, SCORES_FILE, "report.html"):
             (out / stale).unlink(missing_ok=True)
     profile = get_profile(cfg.profile)
     runtime = Runtime.create(cfg.device, cfg.precision, compile=cfg.compile)
@@ -165,17 +167,34 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "profile_note": profile.note, "environment": environment(),
         "reused_models": reused, "notes": result.notes,
     }
+    scores = None
     if result.suspicion is not None or result.flagged is not None:
         scores = result.suspicion if result.suspicion is not None else result.flagged.float()
         metrics["detection"] = detection_metrics(scores, poisoned.is_poison, result.flagged)
     if monitor.curves:
         metrics["curves"] = monitor.curves
     write_json(out / "metrics.json", metrics)
+    # what the report draws: trigger examples, and per-sample scores with the ground truth
+    save_trigger_examples(out / TRIGGER_FILE, train, poisoned, attack, test, monitor.backdoor)
+    if scores is not None:
+        save_scores(out / SCORES_FILE, scores, poisoned.is_poison, result.flagged)
+    if cfg.report:
+        _write_report(out)
     if cfg.save_model:
         artifacts.save_model(out / "model.pt", artifacts.unwrap(result.model), cfg.model, train.classes,
                              train.image_size, {"run": to_plain(cfg), "clean_acc": final["clean_acc"],
                                                 "asr": final["asr"]})
     return metrics
+
+
+def _write_report(out: Path) -> None:
+    from .report import write_report
+
+    try:
+        print(f"[run] wrote {write_report(out)}", file=sys.stderr)
+    except Exception as exc:  # the measurements are already saved; a drawing bug must not lose them
+        print(f"[run] warning: report.html not written ({type(exc).__name__}: {exc}); "
+              f"retry with `unpoison report {out}`", file=sys.stderr)
 
 
 def _digest(data: ImageSet) -> str:

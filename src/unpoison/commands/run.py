@@ -39,6 +39,7 @@ def register(sub) -> None:
     p.add_argument("--monitor", choices=["auto", "stages", "epochs"], default="auto",
                    help="measure CA/ASR after every epoch (epochs) or only after each stage")
     p.add_argument("--no-share", action="store_true", help="do not reuse cached models between runs")
+    p.add_argument("--no-report", action="store_true", help="do not write OUT/report.html")
     add_runtime_options(p)
     p.set_defaults(func=cmd_run)
 
@@ -59,7 +60,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     train_subset=args.train_subset, test_subset=args.test_subset,
                     attack_params={k: v for k, v in attack_params.items() if v is not None},
                     defense_params=defense_params, resume=args.resume, save_model=args.save_model,
-                    progress=not args.no_progress, monitor=args.monitor, share_models=not args.no_share)
+                    progress=not args.no_progress, monitor=args.monitor, share_models=not args.no_share,
+                    report=not args.no_report)
     metrics = run(cfg)
     shown = {k: metrics[k] for k in ("clean_acc", "asr", "robust_acc", "n_poisoned", "wall_seconds")}
     if "detection" in metrics:

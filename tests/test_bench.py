@@ -1,0 +1,221 @@
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from toyroot import write_toy_cifar
+from unpoison import bench
+from unpoison.bench import BenchError, BenchOptions, Grid
+
+REPO = Path(__file__).resolve().parents[1]
+
+TOY_GRID = {
+    "name": "toy", "profile": "smoke", "seeds": [0, 1],
+    "attacks": ["badnets", "none", {"label": "badnets-sq", "name": "badnets", "params": {"trigger": "square"}}],
+    "defenses": [{"label": "none-e1", "name": "none", "set": {"train.epochs": 1}}, "none"],
+    "run": {"report": False},
+    "exclude": [{"attack": "none", "defense": "none-e1"}],
+    "overrides": [{"where": {"attack": "badnets-sq", "seed": 1}, "attack_params": {"size": 2}}],
+}
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory) -> Path:
+    return write_toy_cifar(tmp_path_factory.mktemp("toy-data"))
+
+
+def options(root: Path, **kw) -> BenchOptions:
+    return BenchOptions(data_root=str(root), device="cpu", precision="fp32", progress=False, command="test", **kw)
+
+
+def table_without_times(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [{k: v for k, v in row.items() if k != "wall_seconds"} for row in csv.DictReader(f)]
+
+
+# ---------------------------------------------------------------------------- grid expansion
+def test_grid_expands_every_cell_in_sharing_order():
+    cells = Grid.from_dict(TOY_GRID).cells()
+    # 3 attacks x 2 defences x 2 seeds, minus the excluded (none, none-e1) cell of each seed
+    assert len(cells) == 10
+    ids = [c.id for c in cells]
+    assert len(set(ids)) == 10
+    # per seed: the clean baseline first, and within an attack the no-defence cell first
+    assert ids[:5] == ["cifar10.none.none.wrn16-1.s0", "cifar10.badnets.none.wrn16-1.s0",
+                       "cifar10.badnets.none-e1.wrn16-1.s0", "cifar10.badnets-sq.none.wrn16-1.s0",
+                       "cifar10.badnets-sq.none-e1.wrn16-1.s0"]
+    square = {c.seed: c for c in cells if c.attack == "badnets-sq" and c.defense == "none"}
+    assert square[0].attack_name == "badnets" and square[0].attack_params == {"trigger": "square"}
+    assert square[1].attack_params == {"trigger": "square", "size": 2}      # the override hit seed 1 only
+    assert all(c.defense_params == {"train.epochs": 1} for c in cells if c.defense == "none-e1")
+    assert all(c.profile == "smoke" for c in cells)
+
+
+def test_grid_rejects_unknown_keys_and_bad_labels():
+    with pytest.raises(BenchError, match="unknown key"):
+        Grid.from_dict({**TOY_GRID, "defences": ["none"]})
+    with pytest.raises(BenchError, match="run option"):
+        Grid.from_dict({**TOY_GRID, "run": {"epochs": 3}})
+    with pytest.raises(BenchError, match="label"):
+        Grid.from_dict({**TOY_GRID, "attacks": [{"label": "bad/label", "name": "badnets"}]})
+    with pytest.raises(BenchError, match="unique"):
+        Grid.from_dict({**TOY_GRID, "attacks": ["badnets", "badnets"]})
+
+
+def test_shipped_grids_parse():
+    for name in ("quick-cifar10", "paper-cifar10"):
+        grid = bench.load_grid(REPO / "configs" / f"{name}.yaml")
+        cells = grid.cells()
+        assert {c.defense for c in cells} >= {"none", "dlp", "cbd", "dst", "dbr"}
+        assert {c.attack for c in cells} >= {"none", "badnets", "blended", "sig", "trojannn", "lc", "wanet"}
+        assert {c.profile for c in cells} == {name.split("-")[0]}
+
+
+def test_unavailable_and_unknown_names_get_a_clear_message(monkeypatch):
+    from unpoison.defenses import DEFENSES
+
+    monkeypatch.setitem(DEFENSES.entries, "ghost", "ghost:Ghost")   # planned, but its file does not exist
+    grid = Grid.from_dict({**TOY_GRID, "defenses": ["none", "ghost", "nosuchthing"]})
+    problems = "\n".join(bench.check_cells(grid.cells()))
+    assert "defence 'ghost' is not available" in problems
+    assert "unknown defence 'nosuchthing'" in problems
+    assert {c.defense for c in bench.unavailable(grid.cells())} == {"ghost", "nosuchthing"}
+
+
+def test_bad_settings_are_caught_before_running():
+    grid = Grid.from_dict({**TOY_GRID, "attacks": [{"label": "b", "name": "badnets", "params": {"colour": 3}}]})
+    assert any("does not take colour" in p for p in bench.check_cells(grid.cells()))
+    grid = Grid.from_dict({**TOY_GRID, "defenses": [{"label": "n", "name": "none", "set": {"trian.epochs": 1}}]})
+    assert any("no setting 'trian'" in p for p in bench.check_cells(grid.cells()))
+
+
+def test_cli_refuses_a_grid_with_missing_methods(tmp_path, monkeypatch, capsys):
+    from unpoison.cli import main
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("attacks: [badnets]\ndefenses: [none, nosuchthing]\nprofile: smoke\n")
+    assert main(["bench", "--grid", str(grid), "--out", str(tmp_path / "out")]) == 2
+    assert "unknown defence 'nosuchthing'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- shards
+@pytest.mark.parametrize("count", [1, 2, 3, 7, 20])
+def test_shards_partition_the_grid_and_keep_groups_together(count):
+    cells = Grid.from_dict(TOY_GRID).cells()
+    slices = [bench.shard(cells, i, count) for i in range(1, count + 1)]
+    ids = [c.id for part in slices for c in part]
+    assert sorted(ids) == sorted(c.id for c in cells)            # every cell exactly once
+    groups = {c.group for c in cells}
+    if len(groups) >= count:
+        owners = {c.group: i for i, part in enumerate(slices) for c in part}
+        assert all(owners[c.group] == i for i, part in enumerate(slices) for c in part)
+        assert max(map(len, slices)) - min(map(len, slices)) <= max(len([c for c in cells if c.group == g])
+                                                                    for g in groups)
+
+
+def test_shard_text_is_checked():
+    assert bench.parse_shard("2/4") == (2, 4)
+    for bad in ("0/4", "5/4", "2", "a/b"):
+        with pytest.raises(BenchError):
+            bench.parse_shard(bad)
+
+
+# ---------------------------------------------------------------------------- running
+def small_grid(**changes) -> Grid:
+    raw = {"name": "toy", "profile": "smoke", "seeds": [0, 1], "attacks": ["badnets"],
+           "defenses": ["none", {"label": "none-e1", "name": "none", "set": {"train.epochs": 1}}],
+           "run": {"report": False, "monitor": "stages"}, **changes}
+    return Grid.from_dict(raw, "toy.yaml")
+
+
+def test_bench_runs_resumes_and_shards_merge_to_the_same_table(tmp_path, toy_root, monkeypatch):
+    grid = small_grid()
+    full = tmp_path / "full"
+    outcome = bench.run_grid(grid, full, grid.cells(), options(toy_root))
+    assert len(outcome["ran"]) == 4 and not outcome["failed"]
+    written = bench.write_tables(full, grid)
+    assert written["finished"] == 4 and not written["missing"]
+    rows = table_without_times(full / "results.csv")
+    assert [r["cell"] for r in rows] == [c.id for c in grid.cells()]
+    markdown = (full / "results.md").read_text()
+    assert "| badnets | none-e1 | 0,1 |" in markdown and "\u00b1" in markdown
+    assert (full / "plots" / "cifar10-wrn16-1-smoke-bars.png").stat().st_size > 1000
+
+    # resume: every cell is done, so nothing runs again
+    import unpoison.run as run_module
+
+    def must_not_run(cfg):
+        raise AssertionError(f"cell {cfg.out} ran again")
+
+    monkeypatch.setattr(run_module, "run", must_not_run)
+    again = bench.run_grid(grid, full, grid.cells(), options(toy_root))
+    assert len(again["skipped"]) == 4 and not again["ran"]
+    monkeypatch.undo()
+
+    # two shards merged give the unsharded table (same numbers: runs are deterministic)
+    parts = []
+    for i in (1, 2):
+        part = tmp_path / f"shard{i}"
+        bench.run_grid(grid, part, bench.shard(grid.cells(), i, 2), options(toy_root))
+        parts.append(part)
+    merged = tmp_path / "merged"
+    merged_grid = bench.merge(parts, merged)
+    bench.write_tables(merged, merged_grid, plots=False)
+    assert table_without_times(merged / "results.csv") == table_without_times(full / "results.csv")
+    assert strip_times((merged / "results.md").read_text()) == strip_times(markdown)
+
+    # changing one cell's settings reruns that cell only
+    changed = small_grid(overrides=[{"where": {"defense": "none-e1", "seed": 0}, "set": {"train.epochs": 2}}])
+    rerun = bench.run_grid(changed, full, changed.cells(), options(toy_root))
+    assert rerun["ran"] == ["cifar10.badnets.none-e1.wrn16-1.s0"] and len(rerun["skipped"]) == 3
+
+
+def strip_times(markdown: str) -> str:
+    """results.md without what differs between two runs of the same cells: wall times, commands."""
+    lines = [line for line in markdown.splitlines() if not line.startswith(("- wall time", "- command", "!["))]
+    return "\n".join(line.rsplit("|", 2)[0] if line.startswith("|") else line for line in lines)
+
+
+def test_committed_results_are_reused_and_written(tmp_path, toy_root, monkeypatch):
+    grid = small_grid(seeds=[0], attacks=["badnets"], defenses=["none"])
+    committed = tmp_path / "results"
+    bench.run_grid(grid, tmp_path / "a", grid.cells(), options(toy_root, results=str(committed)))
+    stored = json.loads((committed / "cifar10.badnets.none.wrn16-1.s0.json").read_text())
+    assert stored["bench"]["spec"]["attack"] == "badnets" and stored["bench"]["command"] == "test"
+
+    import unpoison.run as run_module
+
+    monkeypatch.setattr(run_module, "run", lambda cfg: pytest.fail("a committed cell ran again"))
+    outcome = bench.run_grid(grid, tmp_path / "b", grid.cells(), options(toy_root, results=str(committed)))
+    assert outcome["skipped"] == ["cifar10.badnets.none.wrn16-1.s0"]
+    assert bench.write_tables(tmp_path / "b", grid)["finished"] == 1
+
+
+def test_a_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path, toy_root):
+    grid = small_grid(seeds=[0], attacks=["badnets"],
+                      defenses=["none", {"label": "broken", "name": "none", "set": {"train.batch_size": 0}}])
+    outcome = bench.run_grid(grid, tmp_path, grid.cells(), options(toy_root))
+    assert outcome["ran"] == ["cifar10.badnets.none.wrn16-1.s0"]
+    assert outcome["failed"] == ["cifar10.badnets.broken.wrn16-1.s0"]
+    assert (tmp_path / "runs" / "cifar10.badnets.broken.wrn16-1.s0" / "error.txt").is_file()
+    written = bench.write_tables(tmp_path, grid)
+    assert written["missing"] == ["cifar10.badnets.broken.wrn16-1.s0"]
+    assert "Not finished" in (tmp_path / "results.md").read_text()
+
+
+def test_cli_bench_end_to_end(tmp_path, toy_root):
+    from unpoison.cli import main
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("name: cli\nprofile: smoke\nattacks: [badnets]\ndefenses: [none]\n")
+    out = tmp_path / "out"
+    args = ["bench", "--grid", str(grid), "--out", str(out), "--data-root", str(toy_root), "--device", "cpu",
+            "--no-progress"]
+    assert main(args) == 0
+    cell = out / "runs" / "cifar10.badnets.none.wrn16-1.s0"
+    assert (cell / "report.html").is_file()                # reports are on unless the grid turns them off
+    metrics = json.loads((cell / "metrics.json").read_text())
+    assert metrics["bench"]["command"].startswith(f"unpoison bench --grid {grid}")
+    assert main(args + ["--list"]) == 0
