@@ -1,0 +1,170 @@
+import pytest
+import torch
+
+from conftest import toy_dataset
+from unpoison.attacks.badnets import BadNets
+from unpoison.data.imageset import ImageSet
+from unpoison.defenses import build_defense
+from unpoison.defenses.base import DefenseContext
+from unpoison.defenses.cbd import (CBD, CBDConfig, MutualInfoCritic, WeightRecord, critic_step, flag_low_weights,
+                                   sample_weights, top_singular_value, train_backdoored, train_clean)
+from unpoison.defenses.none import NoDefense
+from unpoison.metrics import backdoor_metrics, detection_metrics
+
+
+def test_weights_are_near_zero_for_samples_f_b_fits_and_near_one_for_those_it_does_not():
+    loss_backdoored = torch.tensor([1e-4, 2e-4, 4.0, 6.0, 1.0])
+    loss_clean = torch.tensor([2.0, 3.0, 1e-3, 2e-3, 1.0])
+    raw, normalised = sample_weights(loss_backdoored, loss_clean)
+    assert (raw[:2] < 1e-3).all() and (raw[2:4] > 0.999).all() and abs(raw[4] - 0.5) < 1e-6
+    assert abs(float(normalised.mean()) - 1) < 1e-6
+    assert torch.allclose(normalised / raw, torch.full_like(raw, float(normalised[0] / raw[0])))
+    # both losses zero (a sample both nets fit perfectly) stays finite
+    raw, normalised = sample_weights(torch.zeros(3), torch.zeros(3))
+    assert torch.isfinite(raw).all() and torch.isfinite(normalised).all()
+
+
+def test_spectral_rescale_divides_by_the_square_root_of_sigma():
+    w = torch.diag(torch.tensor([4.0, 1.0, 0.5]))
+    assert abs(float(top_singular_value(w)) - 4.0) < 1e-4
+    assert abs(float(top_singular_value(torch.tensor([3.0, 4.0]))) - 5.0) < 1e-5   # a bias is a column
+    critic = MutualInfoCritic(3, 3)
+    before = [p.detach().clone() for p in critic.parameters()]
+    critic.rescale()
+    for b, a in zip(before, critic.parameters()):
+        assert torch.allclose(a, b / top_singular_value(b).sqrt(), atol=1e-6)
+
+
+def _train_critic(dependent: bool, steps: int = 150, dim: int = 16, batch: int = 64) -> float:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    critic = MutualInfoCritic(dim, dim)
+    optimizer = torch.optim.Adam(critic.parameters(), lr=0.2)   # the official optimiser
+
+    def sample():
+        r = torch.randn(batch, dim, generator=g)
+        z = r + 0.3 * torch.randn(batch, dim, generator=g) if dependent else torch.randn(batch, dim, generator=g)
+        return r, z
+
+    for _ in range(steps):
+        critic_step(critic, optimizer, *sample())
+    with torch.no_grad():
+        return sum(float(critic(*sample())) for _ in range(20)) / 20
+
+
+def test_critic_estimate_rises_for_dependent_pairs_and_stays_near_zero_for_independent_ones():
+    dependent, independent = _train_critic(True), _train_critic(False)
+    # the estimate carries the official 0.01 scale: ~0.007 when z is r plus noise
+    assert dependent > 0.004
+    assert abs(independent) < 0.001
+    assert dependent > 5 * abs(independent)
+
+
+def test_flag_rule_is_relative_to_the_median():
+    mean_weight = torch.tensor([0.001, 0.002, 0.4, 0.5, 0.6, 0.45, 0.55])
+    assert flag_low_weights(mean_weight, 0.1).tolist() == [True, True] + [False] * 5
+    assert not flag_low_weights(torch.full((10,), 0.5), 0.1).any()
+
+
+def test_weight_record_is_a_running_mean_per_sample():
+    record = WeightRecord(4)
+    record.add(torch.tensor([0, 1]), torch.tensor([0.2, 0.4]))
+    record.add(torch.tensor([1, 2]), torch.tensor([0.6, 1.0]))
+    assert torch.allclose(record.mean(), torch.tensor([0.2, 0.5, 1.0, 0.0]))
+
+
+def _context(tmp_path, cpu, seed: int = 0) -> DefenseContext:
+    return DefenseContext(cpu, "smoke", seed, "wrn16-1", tmp_path, progress=False)
+
+
+def _tiny_config(**overrides) -> CBDConfig:
+    config = CBDConfig.for_profile("smoke")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def test_f_b_stays_frozen_in_eval_mode_while_f_c_trains(tmp_path, cpu):
+    data = toy_dataset(128, 4)
+    ctx = _context(tmp_path, cpu)
+    config = _tiny_config(epochs=1)
+    config.backdoored.epochs = 1
+    backdoored = train_backdoored(data, ctx, config.backdoored)
+    assert not backdoored.training and not any(p.requires_grad for p in backdoored.parameters())
+    before = {k: v.clone() for k, v in backdoored.state_dict().items()}
+    # every time f_B computes anything during f_C's training, no module of it is in train mode
+    modes = []
+    backdoored.conv1.register_forward_pre_hook(
+        lambda module, args: modes.append(any(m.training for m in backdoored.modules())))
+    clean, _ = train_clean(data, backdoored, ctx, config)
+    assert modes, "f_B was never consulted"
+    assert not backdoored.training and not any(modes)
+    for key, value in backdoored.state_dict().items():   # weights and BN running statistics unchanged
+        assert torch.equal(value, before[key]), key
+    assert clean is not backdoored
+
+
+def test_resumed_clean_stage_equals_an_uninterrupted_one(tmp_path, cpu, monkeypatch):
+    from unpoison.train import engine as engine_module
+
+    data = toy_dataset(96, 4)
+    config = _tiny_config(epochs=2, batch_size=32)
+    backdoored = train_backdoored(data, _context(tmp_path / "fb", cpu), _tiny_config().backdoored)
+    reference, reference_record = train_clean(data, backdoored, _context(tmp_path / "a", cpu), config)
+
+    original = engine_module.Engine._save
+
+    def killed_after_one_epoch(self):
+        original(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_module.Engine, "_save", killed_after_one_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_clean(data, backdoored, _context(tmp_path / "b", cpu), config)
+    monkeypatch.setattr(engine_module.Engine, "_save", original)
+    resumed, resumed_record = train_clean(data, backdoored, _context(tmp_path / "b", cpu), config)
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(reference_record.mean(), resumed_record.mean())
+
+
+def test_mi_switch_is_a_config_field_recorded_in_describe():
+    assert CBD.for_profile("paper").config.mi is True
+    off = build_defense("cbd", "quick", mi="off")
+    assert off.config.mi is False and off.describe()["mi"] is False
+    paper = CBDConfig.for_profile("paper")
+    assert paper.epochs == 100 and paper.backdoored.epochs == 5 and paper.batch_size == 64
+    assert paper.lr_drops == (0.2, 0.7) and paper.optim.lr == 0.1 and paper.optim.nesterov
+    assert paper.critic_lr == 0.2 and paper.mi_scale == 0.01
+
+
+def _hard_toy(n: int, size: int = 8, classes: int = 4, seed: int = 0) -> ImageSet:
+    """Classes are close colours under heavy noise: learnable, but slower to learn than a
+    3x3 trigger on an 8x8 image, the regime CBD assumes (the backdoor is the easy shortcut)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    palette = 128 + (torch.rand(classes, 3, 1, 1, generator=g) * 2 - 1) * 25
+    images = (palette[labels] + torch.randn(n, 3, size, size, generator=g) * 50).clamp(0, 255).to(torch.uint8)
+    return ImageSet(images, labels, [f"class{i}" for i in range(classes)])
+
+
+def test_smoke_cbd_lowers_the_asr_of_a_tiny_backdoor(tmp_path, cpu):
+    full = _hard_toy(768)
+    train, test = full.subset(torch.arange(512)), full.subset(torch.arange(512, 768))
+    attack = BadNets(target=0, rate=0.1, size=3)
+    poisoned = attack.poison(train, torch.Generator().manual_seed(0))
+    # the smoke profile, with batches and augmentation suited to 8x8 images
+    tiny = {"batch_size": 32, "augment": "none"}
+    baseline = NoDefense.for_profile("smoke", **{f"train.{k}": v for k, v in tiny.items()}, **{"train.epochs": 4})
+    cbd = CBD.for_profile("smoke", **tiny, **{f"backdoored.{k}": v for k, v in tiny.items()})
+    assert cbd.config.epochs == baseline.config.train.epochs
+
+    before = backdoor_metrics(baseline.fit(poisoned.untrusted(), _context(tmp_path / "none", cpu)).model,
+                              test, attack, cpu)
+    defended = cbd.fit(poisoned.untrusted(), _context(tmp_path / "cbd", cpu))
+    after = backdoor_metrics(defended.model, test, attack, cpu)
+    assert before["asr"] > 0.8
+    assert after["asr"] < 0.2
+    assert after["clean_acc"] > 0.35                       # chance is 0.25
+    detection = detection_metrics(defended.suspicion, poisoned.is_poison, defended.flagged)
+    assert detection["auroc"] > 0.75                       # low weight = suspected poisoned
