@@ -42,7 +42,7 @@ def get_profile(name: str) -> Profile:
             "quick", "quick profile: full training set, epochs scaled down for a 2-core CPU; "
                      "not the papers' numbers",
             None, None,
-            TrainConfig(epochs=15, batch_size=128, augment="weak", label_smoothing=0.1, ema_decay=0.995,
+            TrainConfig(epochs=10, batch_size=128, augment="weak", label_smoothing=0.1, ema_decay=0.995,
                         optim=OptimConfig(lr=0.2, weight_decay=5e-4, schedule="onecycle", warmup_epochs=3,
                                           warmup_start=0.1)),
             False)
