@@ -67,13 +67,14 @@ def in_grid_order(results: list[dict], cells: list[bench.Cell] | None) -> list[d
     return sorted(results, key=lambda m: rank.get(m.get("bench", {}).get("cell"), len(rank)))
 
 
-def stale(results: list[dict], cells: list[bench.Cell] | None) -> list[str]:
-    """Cells whose committed result was made with other settings than the grid has now."""
+def stale(results: list[dict], cells: list[bench.Cell] | None, folder: Path) -> list[str]:
+    """Cells whose committed result was made with other settings than the grid and the
+    code give now (`unpoison bench` would rerun them)."""
     if cells is None:
         return []
-    specs = {c.id: json.loads(json.dumps(c.spec(), default=str)) for c in cells}
-    return [m["bench"]["cell"] for m in results
-            if m.get("bench", {}).get("cell") in specs and m["bench"].get("spec") != specs[m["bench"]["cell"]]]
+    by_id = {c.id: c for c in cells}
+    return [m["bench"]["cell"] for m in results if m.get("bench", {}).get("cell") in by_id
+            and bench.stored_result(folder / f"{m['bench']['cell']}.json", by_id[m["bench"]["cell"]]) is None]
 
 
 def ca_asr(mean_ca: Any, std_ca: Any, mean_asr: Any, std_asr: Any) -> str:
@@ -113,7 +114,7 @@ def paper_notes(attacks: list[str], papers: dict[str, Any], dataset: str) -> str
     return ("The papers' attack names for our columns:\n" + "\n".join(lines) + "\n") if lines else ""
 
 
-def grid_section(name: str, results: list[dict], papers: dict[str, Any]) -> str:
+def grid_section(name: str, folder: Path, results: list[dict], papers: dict[str, Any]) -> str:
     cells = expected_cells(results)
     results = in_grid_order(results, cells)
     done = {m.get("bench", {}).get("cell") for m in results}
@@ -131,10 +132,10 @@ def grid_section(name: str, results: list[dict], papers: dict[str, Any]) -> str:
     if cells is not None and len(done) < len(cells):
         missing = [c.id for c in cells if c.id not in done]
         lines.append(f"\nNot measured yet ({len(missing)}): " + ", ".join(f"`{m}`" for m in missing) + "\n")
-    outdated = stale(results, cells)
+    outdated = stale(results, cells, folder)
     if outdated:
-        lines.append(f"\n**Stale** ({len(outdated)}: the grid's settings changed since these ran; rerun the "
-                     "grid to replace them): " + ", ".join(f"`{m}`" for m in outdated) + "\n")
+        lines.append(f"\n**Stale** ({len(outdated)}: the grid or the code's defaults changed since these ran; "
+                     "rerun the grid to replace them): " + ", ".join(f"`{m}`" for m in outdated) + "\n")
     return "\n".join(lines)
 
 
@@ -144,7 +145,7 @@ def generate(results_root: Path, papers_file: Path) -> str:
     for folder in sorted(p for p in results_root.iterdir() if p.is_dir()) if results_root.is_dir() else []:
         results = load_results(folder)
         if results:
-            sections.append(grid_section(folder.name, results, papers))
+            sections.append(grid_section(folder.name, folder, results, papers))
     if not sections:
         return ("No results are committed yet. Run a grid with `--results benchmarks/results/<grid>`, e.g.\n"
                 "`unpoison bench --grid configs/quick-cifar10.yaml --out runs/quick-cifar10 "

@@ -178,6 +178,26 @@ def strip_times(markdown: str) -> str:
     return "\n".join(line.rsplit("|", 2)[0] if line.startswith("|") else line for line in lines)
 
 
+def test_a_changed_default_makes_a_stored_result_stale(tmp_path, toy_root, monkeypatch):
+    """The grid did not change but the code's recipe did (a profile was retuned): rerun."""
+    from dataclasses import replace
+
+    import unpoison.defenses.none as none_module
+
+    grid = small_grid(seeds=[0], defenses=["none"])
+    bench.run_grid(grid, tmp_path, grid.cells(), options(toy_root))
+    cell = grid.cells()[0]
+    assert bench.stored_result(bench.cell_dir(tmp_path, cell) / "metrics.json", cell) is not None
+    original = none_module.get_profile
+
+    def retuned(name):
+        profile = original(name)
+        return replace(profile, baseline=replace(profile.baseline, epochs=profile.baseline.epochs + 1))
+
+    monkeypatch.setattr(none_module, "get_profile", retuned)
+    assert bench.stored_result(bench.cell_dir(tmp_path, cell) / "metrics.json", cell) is None
+
+
 def test_committed_results_are_reused_and_written(tmp_path, toy_root, monkeypatch):
     grid = small_grid(seeds=[0], attacks=["badnets"], defenses=["none"])
     committed = tmp_path / "results"
@@ -219,3 +239,64 @@ def test_cli_bench_end_to_end(tmp_path, toy_root):
     metrics = json.loads((cell / "metrics.json").read_text())
     assert metrics["bench"]["command"].startswith(f"unpoison bench --grid {grid}")
     assert main(args + ["--list"]) == 0
+    # --profile runs the grid at another profile: different cells, recorded in grid.json for --merge
+    assert main(args + ["--profile", "quick", "--list"]) == 0
+    assert main(["bench", "--merge", str(out), "--out", str(out)]) == 0
+    assert "1 of 1 cells finished" in (out / "results.md").read_text()
+
+
+# ---------------------------------------------------------------------------- RESULTS.md
+def test_results_md_is_regenerated_between_the_markers_only(tmp_path, toy_root):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import make_results
+    finally:
+        sys.path.pop(0)
+    grid = small_grid(seeds=[0], defenses=["none"])
+    committed = tmp_path / "results" / "toy"
+    bench.run_grid(grid, tmp_path / "out", grid.cells(), options(toy_root, results=str(committed)))
+    document = tmp_path / "RESULTS.md"
+    document.write_text(f"# Results\n\nprose before\n\n{make_results.START}\nold table\n{make_results.END}\n\nprose after\n")
+    args = ["--results", str(tmp_path / "results"), "--out", str(document)]
+    assert make_results.main(args) == 0
+    text = document.read_text()
+    assert text.startswith("# Results\n\nprose before\n\n") and text.endswith(f"{make_results.END}\n\nprose after\n")
+    assert "old table" not in text
+    assert "## `toy`" in text and "1 of 1 cells measured" in text and "- command: `test`" in text
+    assert "- machine: cpu" in text and "torch " in text
+    # our badnets / no-defence cell beside the DLP paper's (Table 3: 91.31 / 100)
+    assert "| **none** | ours (wrn16-1, smoke) |" in text and "| DLP paper, Table 3 (WRN-16-1) | 91.3 / 100.0 |" in text
+    assert make_results.main(args + ["--check"]) == 0
+    document.write_text(text.replace("91.3 / 100.0", "99.0 / 0.0"))        # a hand-edited number is caught
+    assert make_results.main(args + ["--check"]) == 1
+
+
+def test_paper_numbers_match_the_spec():
+    """benchmarks/paper_results.yaml was typed from the spec's tables; read them again to be sure."""
+    import yaml
+
+    spec = REPO.parent / "shared" / "papers" / "algorithms.md"
+    if not spec.is_file():
+        pytest.skip("the spec (../shared/papers/algorithms.md) is not next to this checkout")
+    lines = spec.read_text().splitlines()
+
+    def first_table_after(heading: str) -> dict[str, dict[str, str]]:
+        start = next(i for i, line in enumerate(lines) if line.startswith(heading))
+        rows = []
+        for line in lines[start + 1:]:
+            if line.startswith("|"):
+                rows.append([c.strip().strip("*") for c in line.strip("|").split("|")])
+            elif rows:
+                break
+        header = rows[0]
+        return {row[0]: dict(zip(header[1:], row[1:])) for row in rows[2:]}
+
+    papers = yaml.safe_load((REPO / "benchmarks" / "paper_results.yaml").read_text())
+    layout = {"dlp-table3": ("### 5.8", "defenses"), "fct-readme": ("### 3.10", "attacks")}
+    for key, (heading, rows_are) in layout.items():
+        table, paper = first_table_after(heading), papers[key]
+        for defense, cells in paper["ca_asr"].items():
+            for attack, numbers in cells.items():
+                row, column = paper["defenses"][defense], paper["attacks"][attack]
+                text = table[row][column] if rows_are == "defenses" else table[column][row]
+                assert [float(v) for v in text.split("/")] == numbers, (key, defense, attack)

@@ -306,14 +306,41 @@ def cell_dir(out: Path, cell: Cell) -> Path:
 
 
 def stored_result(path: Path, cell: Cell) -> dict | None:
-    """The metrics at `path` if they exist and were made from this cell's settings."""
+    """The metrics at `path` if they exist and were made from this cell's settings, and
+    with the attack and defence configuration the current code resolves them to (so a
+    changed profile or default reruns the cell instead of leaving an old number)."""
     if not path.is_file():
         return None
     try:
         metrics = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    return metrics if metrics.get("bench", {}).get("spec") == _plain(cell.spec()) else None
+    if metrics.get("bench", {}).get("spec") != _plain(cell.spec()):
+        return None
+    expected = resolved_configs(cell)
+    if expected:
+        attack, defense = metrics.get("attack_config") or {}, metrics.get("defense_config")
+        # attacks add what they find while poisoning (TrojanNN's activations, WaNet's noise
+        # count) to their description: compare only what the settings alone determine
+        if defense != expected["defense_config"] or any(
+                attack.get(k) != v for k, v in expected["attack_config"].items() if v is not None):
+            return None
+    return metrics
+
+
+def resolved_configs(cell: Cell) -> dict[str, Any] | None:
+    """attack_config and defense_config as `unpoison run` would record them for this cell
+    now, before it runs; None where a method is not installed here (results can still be
+    merged)."""
+    from .attacks import build_attack
+    from .defenses import build_defense
+
+    try:
+        return _plain({"attack_config": build_attack(cell.attack_name, **cell.attack_params).describe(),
+                       "defense_config": build_defense(cell.defense_name, cell.profile,
+                                                       **cell.defense_params).describe()})
+    except (ValueError, TypeError, ImportError):
+        return None
 
 
 def _plain(obj: Any) -> Any:

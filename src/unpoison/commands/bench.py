@@ -23,6 +23,9 @@ def register(sub) -> None:
                         "are not rerun, finished cells are copied there as <cell id>.json")
     p.add_argument("--skip-unavailable", action="store_true",
                    help="run the cells whose attack and defence exist, skip the others (default: refuse the grid)")
+    p.add_argument("--profile", choices=["smoke", "quick", "paper"], default=None,
+                   help="run the grid at this profile instead of its own (e.g. smoke: the whole grid in minutes, "
+                        "to check that every cell runs)")
     p.add_argument("--list", action="store_true", help="print the cells and whether each is done, then stop")
     p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                    help="join these bench folders (shards of one grid) into --out and write its tables")
@@ -43,6 +46,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise SystemExit("unpoison bench needs --grid GRID.yaml (or --merge DIR... to join shards)")
 
     grid = bench.load_grid(args.grid)
+    if args.profile:  # into the grid itself, so grid.json (and a later --merge) knows it too
+        grid = bench.Grid.from_dict({**grid.raw, "profile": args.profile}, grid.source)
     cells = bench.select(grid.cells(), args.only)
     if args.shard:
         cells = bench.shard(cells, *bench.parse_shard(args.shard))
@@ -68,6 +73,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"[bench] skipped (method not available): {cell.id}", file=sys.stderr)
 
     command = [f"--grid {args.grid}", f"--out {args.out}"]
+    command += [f"--profile {args.profile}"] if args.profile else []
     command += [f"--shard {args.shard}"] if args.shard else []
     command += [f"--only {o}" for o in args.only or []]
     command += [f"--results {args.results}"] if args.results else []

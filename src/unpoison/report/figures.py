@@ -103,6 +103,9 @@ def _plot_by_stage(ax, records: list[dict], keys: Iterable[str], scale: float = 
             ax.axvline(start + 0.5, color="0.6", linestyle="--", linewidth=0.8)
         ax.text((start + end) / 2 + 0.5, 1.01, stage, transform=ax.get_xaxis_transform(), ha="center",
                 va="bottom", fontsize=8, color="0.3")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch (stages laid end to end)")
     ax.grid(alpha=0.3)
     return drawn
@@ -124,7 +127,7 @@ def curves_figure(curves: list[dict], log: list[dict] | None = None) -> bytes:
     _plot_by_stage(axes[0], curves, ("clean_acc", "asr", "robust_acc"), scale=100)
     axes[0].set_ylabel("% of test images")
     axes[0].set_ylim(-3, 103)
-    axes[0].legend(fontsize=8, loc="center right")
+    axes[0].legend(fontsize=8, loc="best")
     if with_loss:
         _plot_by_stage(axes[1], log, ("loss",))
         axes[1].set_ylabel("training loss (stage's own objective)")
@@ -158,7 +161,7 @@ def subset_accuracy_figure(curves: list[dict]) -> bytes:
     _plot_by_stage(ax, _dedupe(curves), ("train_acc_poison", "train_acc_clean"), scale=100)
     ax.set_ylabel("training accuracy, % (given labels)")
     ax.set_ylim(-3, 103)
-    ax.legend(fontsize=8, loc="center right")
+    ax.legend(fontsize=8, loc="best")
     return to_png(fig)
 
 

@@ -90,8 +90,8 @@ def _summary(run_dir: Path, m: dict) -> str:
     rows = [("clean accuracy (CA)", pct(m.get("clean_acc")) + " %"),
             ("attack success rate (ASR)", _pct_or_na(m.get("asr"), m)),
             ("robust accuracy (RA)", _pct_or_na(m.get("robust_acc"), m)),
-            ("training images / poisoned", f"{m.get('n_train')} / {m.get('n_poisoned')} "
-                                           f"(rate {m.get('poison_rate')}, target {m.get('target')})"),
+            ("training images / poisoned", f"{m.get('n_train')} / {m.get('n_poisoned')} (rate {m.get('poison_rate')}, "
+                                           f"target {m.get('attack_config', {}).get('target', m.get('target'))})"),
             ("test images", m.get("n_test", "\u2014")),
             ("wall time", duration(m.get("wall_seconds"))),
             ("device", m.get("device", "\u2014"))]
