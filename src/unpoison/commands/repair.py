@@ -15,7 +15,7 @@ import time
 from ..cli import _key_values, add_runtime_options
 from .train import add_held_out_options, write_run_report
 
-OUTPUTS = ("model.pt", "suspects.csv", "suspects.png", "report.html", "repair.json", "skipped.txt")
+OUTPUTS = ("model.pt", "suspects.csv", "suspects.png", "scores.png", "report.html", "repair.json", "skipped.txt")
 
 
 def register(sub) -> None:
@@ -127,6 +127,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     wf.write_suspects(out / "suspects.csv", data.train, scores, flagged)
     if scores is not None:
         wf.save_suspect_grid(out / "suspects.png", data.train, scores, flagged)
+        wf.save_score_histogram(out / "scores.png", scores, flagged)
     wf.write_summary(out / "repair.json", record)
     write_run_report(out, "unpoison repair (D-BR)", record, summary, monitor.curves())
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..cli import _key_values, add_runtime_options
 
-OUTPUTS = ("model.pt", "suspects.csv", "suspects.png", "report.html", "train.json", "skipped.txt")
+OUTPUTS = ("model.pt", "suspects.csv", "suspects.png", "scores.png", "report.html", "train.json", "skipped.txt")
 
 
 def register(sub) -> None:
@@ -99,6 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     wf.write_suspects(out / "suspects.csv", data.train, scores, flagged)
     if scores is not None:
         wf.save_suspect_grid(out / "suspects.png", data.train, scores, flagged)
+        wf.save_score_histogram(out / "scores.png", scores, flagged)
     wf.write_summary(out / "train.json", record)
     write_run_report(out, "unpoison train", record, summary, monitor.curves())
 
@@ -118,11 +119,13 @@ def write_run_report(out: Path, title: str, record: dict, summary: dict | None, 
     where the flagged images concentrate, and the most suspicious images."""
     from .. import workflow as wf
 
-    shown = {k: record[k] for k in ("data", "defense", "model", "profile", "seed", "n_train", "held_out",
-                                    "held_out_acc", "n_flagged", "flagged_concentrate_in", "n_skipped",
-                                    "resize_policy", "wall_seconds", "device") if k in record}
+    shown = {k: record[k] for k in ("data", "defense", "repaired_model", "model", "profile", "seed", "n_train",
+                                    "held_out", "held_out_acc_before", "held_out_acc", "n_flagged",
+                                    "flagged_concentrate_in", "n_skipped", "resize_policy", "wall_seconds",
+                                    "device") if k in record}
+    # a stage may train a helper model (a detector's): its accuracy is that model's
     stages = [{"stage": s.get("name"), "seconds": s.get("seconds"), "epochs": s.get("epochs"),
-               "held_out_acc": record.get("held_out_acc_by_stage", {}).get(s.get("name"))}
+               "held-out accuracy of the stage's model": record.get("held_out_acc_by_stage", {}).get(s.get("name"))}
               for s in record.get("stages", [])]
     tables = {"Stages": stages, "Held-out accuracy per epoch": curves}
     if summary is not None:
@@ -133,4 +136,4 @@ def write_run_report(out: Path, title: str, record: dict, summary: dict | None, 
         tables["Classes"] = [{"class": c, "training images": n} for c, n in record.get("class_sizes", {}).items()]
     notes = [record.get("profile_note", "")] + list(record.get("warnings", [])) + list(record.get("notes", []))
     wf.write_report(out / "report.html", title, shown, [n for n in notes if n],
-                    {"Most suspicious images": out / "suspects.png"}, tables)
+                    {"Suspicion scores": out / "scores.png", "Most suspicious images": out / "suspects.png"}, tables)
