@@ -35,7 +35,7 @@ def test_spectral_rescale_divides_by_the_square_root_of_sigma():
         assert torch.allclose(a, b / top_singular_value(b).sqrt(), atol=1e-6)
 
 
-def _train_critic(dependent: bool, steps: int = 150, dim: int = 16, batch: int = 64) -> float:
+def _train_critic(dependent: bool, steps: int = 100, dim: int = 16, batch: int = 64) -> float:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     critic = MutualInfoCritic(dim, dim)
@@ -168,3 +168,21 @@ def test_smoke_cbd_lowers_the_asr_of_a_tiny_backdoor(tmp_path, cpu):
     assert after["clean_acc"] > 0.35                       # chance is 0.25
     detection = detection_metrics(defended.suspicion, poisoned.is_poison, defended.flagged)
     assert detection["auroc"] > 0.75                       # low weight = suspected poisoned
+
+
+def test_cbd_mi_flag_maps_to_the_config_field(monkeypatch, tmp_path):
+    import unpoison.run
+    from unpoison.cli import main
+
+    seen = {}
+
+    def fake_run(cfg):
+        seen["params"] = cfg.defense_params
+        return {"clean_acc": 0.0, "asr": 0.0, "robust_acc": 0.0, "n_poisoned": 0, "wall_seconds": 0.0,
+                "profile_note": ""}
+
+    monkeypatch.setattr(unpoison.run, "run", fake_run)
+    assert main(["run", "--defense", "cbd", "--cbd-mi", "off", "--out", str(tmp_path)]) == 0
+    assert seen["params"]["mi"] is False
+    with pytest.raises(SystemExit):
+        main(["run", "--defense", "none", "--cbd-mi", "off", "--out", str(tmp_path)])

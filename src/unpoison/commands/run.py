@@ -39,6 +39,9 @@ def register(sub) -> None:
     p.add_argument("--monitor", choices=["auto", "stages", "epochs"], default="auto",
                    help="measure CA/ASR after every epoch (epochs) or only after each stage")
     p.add_argument("--no-share", action="store_true", help="do not reuse cached models between runs")
+    p.add_argument("--cbd-mi", choices=["on", "off"], default=None,
+                   help="CBD's mutual-information penalty (default on, as the paper; off = the official code); "
+                        "the same as --set mi=on|off")
     p.add_argument("--no-report", action="store_true", help="do not write OUT/report.html")
     add_runtime_options(p)
     p.set_defaults(func=cmd_run)
@@ -52,6 +55,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                      "trigger": args.trigger, "size": args.trigger_size, "position": _position(args.trigger_pos),
                      "alpha": args.alpha, **_key_values(args.attack_param)}
     defense_params = _key_values(args.defense_set)
+    if args.cbd_mi is not None:
+        if args.defense != "cbd":
+            raise SystemExit("--cbd-mi applies to --defense cbd only")
+        defense_params["mi"] = args.cbd_mi == "on"
     if args.epochs is not None:
         defense_params[DEFENSES.get(args.defense).main_epochs] = args.epochs
     cfg = RunConfig(dataset=args.dataset, attack=args.attack, defense=args.defense, model=args.model,
