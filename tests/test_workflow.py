@@ -161,7 +161,9 @@ def test_resize_policy_is_stated_and_images_of_any_mode_load(tmp_path):
 
 # ----------------------------------------------------------------------- resume and atomic outputs
 
-def _reference_and_killed(tmp_path, monkeypatch, data, extra, kill_at):
+def _reference_and_killed(tmp_path, monkeypatch, data, extra, stage, kill_at):
+    """Train once uninterrupted (a), then again (b) killed at the kill_at-th optimiser step
+    of `stage`, before that epoch's checkpoint, and resume b."""
     from unpoison.train import engine as engine_module
 
     args = ("--data", data, *extra, "--no-share", *SMOKE)
@@ -171,13 +173,14 @@ def _reference_and_killed(tmp_path, monkeypatch, data, extra, kill_at):
     calls = {"n": 0}
 
     def dies(self, loss, images=0):
-        calls["n"] += 1
-        if calls["n"] == kill_at:
+        calls["n"] += self.name == stage
+        if self.name == stage and calls["n"] == kill_at:
             raise KeyboardInterrupt  # what Ctrl-C (or a SIGINT) does mid-epoch
         return original(self, loss, images)
 
     monkeypatch.setattr(engine_module.Engine, "step", dies)
     assert unpoison("train", "--out", tmp_path / "b", *args) == 130
+    assert calls["n"] == kill_at
     monkeypatch.setattr(engine_module.Engine, "step", original)
     # a killed run leaves no half-written output, only checkpoints of finished epochs
     assert not (tmp_path / "b" / "model.pt").exists() and not (tmp_path / "b" / "suspects.csv").exists()
@@ -196,19 +199,27 @@ def _assert_same_outputs(a, b):
 
 def test_train_killed_mid_epoch_resumes_to_identical_outputs(tmp_path, monkeypatch):
     data = make_folder(tmp_path / "data", per_class=30)
-    # 81 training images, batch 64: 2 steps per epoch; step 4 is the middle of epoch 2 of 3
-    _reference_and_killed(tmp_path, monkeypatch, data, ("--defense", "none", "--epochs", "3"), kill_at=4)
+    # 81 training images, batch 64: 2 steps per epoch; step 3 is the middle of epoch 2 of 3
+    _reference_and_killed(tmp_path, monkeypatch, data, ("--defense", "none", "--epochs", "3"), "train", 3)
     _assert_same_outputs(tmp_path / "a", tmp_path / "b")
 
 
 @pytest.mark.skipif("dbr" not in DEFENSES, reason="D-BR not available")
 def test_multi_stage_defence_killed_in_a_later_stage_resumes_identically(tmp_path, monkeypatch):
     data = make_folder(tmp_path / "data", per_class=12, poison=2)
-    # D-BR smoke on 33 images: the baseline (2 epochs x 1 step), the SD model (2 x 1), then
-    # the unlearn/relearn loop (2 epochs of 2 steps); step 6 is mid-epoch in the last stage
-    _reference_and_killed(tmp_path, monkeypatch, data, ("--defense", "dbr"), kill_at=6)
+    # D-BR: the baseline, the SD model, then the unlearn/relearn loop (an unlearn and a
+    # relearn step per epoch): its 4th step is mid-epoch, after both earlier stages finished
+    _reference_and_killed(tmp_path, monkeypatch, data, ("--defense", "dbr"), "dbr", 4)
     _assert_same_outputs(tmp_path / "a", tmp_path / "b")
     assert json.loads((tmp_path / "b" / "train.json").read_text())["n_flagged"] > 0
+
+
+@pytest.mark.skipif("dlp" not in DEFENSES, reason="DLP not available")
+def test_dlp_killed_during_fine_tuning_resumes_identically(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / "data", per_class=16, poison=2)
+    # DLP: SL, AU, then ASSFT (FixMatch, several steps per epoch): killed at ASSFT's 3rd step
+    _reference_and_killed(tmp_path, monkeypatch, data, ("--defense", "dlp", "--set", "au.epochs=3"), "ASSFT", 3)
+    _assert_same_outputs(tmp_path / "a", tmp_path / "b")
 
 
 # ----------------------------------------------------------------------- repair
