@@ -148,6 +148,15 @@ def test_predict_reads_flat_folders_single_images_and_archives(tmp_path):
         assert len(read_csv(preds)) == expected + 1, name
 
 
+def test_another_input_size_is_kept_from_training_to_prediction(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", per_class=6)
+    out = tmp_path / "run"
+    assert unpoison("train", "--data", data, "--out", out, "--defense", "none", "--image-size", "24", *SMOKE) == 0
+    assert torch.load(out / "model.pt", weights_only=True)["input_size"] == [24, 24]
+    assert unpoison("predict", "--model", out, "--data", data, "--out", tmp_path / "p.csv") == 0
+    assert "to 24x24" in capsys.readouterr().err
+
+
 def test_resize_policy_is_stated_and_images_of_any_mode_load(tmp_path):
     data = make_folder(tmp_path / "data", per_class=6)
     Image.new("P", (50, 10)).save(data / "cat" / "palette.png")
