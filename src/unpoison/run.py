@@ -23,7 +23,8 @@ from .attacks.base import Attack, PoisonedSet
 from .data import load_dataset
 from .data.imageset import ImageSet
 from .defenses import build_defense
-from .defenses.base import DefenseContext, to_plain
+from .defenses.base import DefenseContext, DefenseResult, to_plain
+from .detect import build_detector
 from .io import environment, write_json
 from .metrics import backdoor_metrics, detection_metrics, subset_accuracy
 from .profiles import get_profile
@@ -53,6 +54,8 @@ class RunConfig:
     progress: bool = True
     monitor: str = "auto"        # auto | stages | epochs
     share_models: bool = True    # reuse identical trained models across runs (cache)
+    detector: str | None = None  # a detection-only run: this detector instead of a defence
+    detector_params: dict[str, Any] = field(default_factory=dict)
     report: bool = True          # write OUT/report.html at the end (a second or two)
 
 
@@ -151,7 +154,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     ctx.on_epoch, ctx.on_stage = monitor.on_epoch, monitor.on_stage
     ctx.shared_model = shared({"attack": attack.describe()})
 
-    result = defense.fit(poisoned.untrusted(), ctx)
+    detector = build_detector(cfg.detector, cfg.profile, **cfg.detector_params) if cfg.detector else None
+    result = detect(detector, poisoned.untrusted(), ctx) if detector else defense.fit(poisoned.untrusted(), ctx)
 
     final = backdoor_metrics(result.model, test, attack, runtime, monitor.backdoor)
     stages = [{**s, **monitor.stage_metrics.get(s["name"], {})} for s in result.stages]
@@ -166,6 +170,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "attack_config": attack.describe(), "defense_config": defense.describe(),
         "profile_note": profile.note, "environment": environment(),
         "reused_models": reused, "notes": result.notes,
+        **({"detector": cfg.detector, "detector_config": detector.describe()} if detector else {}),
     }
     scores = None
     if result.suspicion is not None or result.flagged is not None:
@@ -195,6 +200,16 @@ def _write_report(out: Path) -> None:
     except Exception as exc:  # the measurements are already saved; a drawing bug must not lose them
         print(f"[run] warning: report.html not written ({type(exc).__name__}: {exc}); "
               f"retry with `unpoison report {out}`", file=sys.stderr)
+
+
+def detect(detector, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
+    """A detection-only run: the detector's scores and flags give `detection`; CA/ASR/RA are
+    those of the detector's own model (for FCT, the quick no-augmentation SD model)."""
+    found = detector.detect(data, ctx)
+    if found.model is None:
+        raise ValueError(f"detector {detector.name!r} has no model of its own to measure")
+    note = f"detection-only run ({detector.name}): clean_acc/asr/robust_acc are of the detector's own model"
+    return DefenseResult(found.model, found.scores, found.flagged, found.stages, [note])
 
 
 def _digest(data: ImageSet) -> str:

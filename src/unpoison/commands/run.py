@@ -33,7 +33,11 @@ def register(sub) -> None:
     g.add_argument("--alpha", type=float, default=None, help="blend ratio of blended triggers")
     g.add_argument("--attack-param", action="append", metavar="KEY=VALUE", help="any other attack parameter")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="defense_set",
-                   help="override a defence setting, dotted for nested ones (e.g. train.optim.lr=0.05)")
+                   help="override a defence (or, with --detector, detector) setting, dotted for nested ones "
+                        "(e.g. train.optim.lr=0.05)")
+    p.add_argument("--detector", default=None,
+                   help="a detection-only run: score the training set with this detector (e.g. fct) instead of "
+                        "training with a defence; metrics.json gets `detection`")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints after an interruption")
     p.add_argument("--save-model", action="store_true", help="also write OUT/model.pt")
     p.add_argument("--monitor", choices=["auto", "stages", "epochs"], default="auto",
@@ -59,6 +63,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.defense != "cbd":
             raise SystemExit("--cbd-mi applies to --defense cbd only")
         defense_params["mi"] = args.cbd_mi == "on"
+    detector_params = {}
+    if args.detector is not None:
+        if args.defense != "none" or args.epochs is not None:
+            raise SystemExit("--detector runs a detector instead of a defence: drop --defense and --epochs "
+                             "(set detector options with --set)")
+        detector_params, defense_params = defense_params, {}
     if args.epochs is not None:
         defense_params[DEFENSES.get(args.defense).main_epochs] = args.epochs
     cfg = RunConfig(dataset=args.dataset, attack=args.attack, defense=args.defense, model=args.model,
@@ -68,6 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     attack_params={k: v for k, v in attack_params.items() if v is not None},
                     defense_params=defense_params, resume=args.resume, save_model=args.save_model,
                     progress=not args.no_progress, monitor=args.monitor, share_models=not args.no_share,
+                    detector=args.detector, detector_params=detector_params,
                     report=not args.no_report)
     metrics = run(cfg)
     shown = {k: metrics[k] for k in ("clean_acc", "asr", "robust_acc", "n_poisoned", "wall_seconds")}

@@ -1,0 +1,104 @@
+import copy
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from toy_backdoor import tiny_backdoor
+from unpoison.defenses import build_defense
+from unpoison.defenses.base import DefenseContext
+from unpoison.defenses.dbr import DBRConfig, repair, unlearn_relearn
+from unpoison.detect.fct import SampleSplit
+from unpoison.metrics import backdoor_metrics
+from unpoison.models import build_model
+from unpoison.runtime import Runtime
+from unpoison.train import Engine, OptimConfig, TrainConfig, predict, train_supervised
+
+CPU = Runtime.create("cpu", "fp32")
+
+
+@pytest.fixture(scope="module")
+def backdoor():
+    """The tiny backdoor of toy_backdoor.py and a model trained on it without augmentation
+    (it learns the backdoor: ASR ~ 1)."""
+    poisoned, attack, test = tiny_backdoor()
+    torch.manual_seed(0)
+    model = train_supervised(build_model("wrn16-1", 4), poisoned.untrusted(),
+                             TrainConfig(epochs=4, batch_size=32, augment="none",
+                                         optim=OptimConfig(lr=0.05, schedule="constant")),
+                             CPU, name="backdoored", seed=0, progress=False)
+    return poisoned, attack, test, model
+
+
+def _ctx(tmp_path: Path) -> DefenseContext:
+    return DefenseContext(CPU, "smoke", 0, "wrn16-1", tmp_path, progress=False)
+
+
+def _loss(model, data) -> float:
+    return float(F.cross_entropy(predict(model, data.images, CPU), data.labels))
+
+
+def _split(n: int, poisoned: torch.Tensor, clean: torch.Tensor) -> SampleSplit:
+    return SampleSplit(torch.zeros(n), clean, poisoned)
+
+
+def test_unlearning_pass_raises_the_suspected_set_loss(backdoor, tmp_path):
+    poisoned, _, _, model = backdoor
+    data = poisoned.untrusted()
+    suspected = poisoned.is_poison
+    trusted = ~poisoned.is_poison & (torch.arange(len(data)) % 4 == 0)
+    cfg = DBRConfig(epochs=1, batch_size=32, mode="unlearn", augment="none",
+                    optim=OptimConfig(lr=0.05, momentum=0.9, nesterov=False, schedule="constant"))
+    before = _loss(model, data.subset(suspected))
+    after_model = unlearn_relearn(copy.deepcopy(model).requires_grad_(True), data, _split(len(data), suspected, trusted),
+                                  _ctx(tmp_path), cfg)
+    assert _loss(after_model, data.subset(suspected)) > before + 0.2
+    # relearning alone lowers (or keeps) the trusted loss
+    cfg_relearn = DBRConfig(epochs=1, batch_size=32, mode="relearn", augment="none", optim=cfg.optim)
+    relearned = unlearn_relearn(copy.deepcopy(after_model).requires_grad_(True), data, _split(len(data), suspected, trusted),
+                                _ctx(tmp_path / "r"), cfg_relearn)
+    assert _loss(relearned, data.subset(trusted)) < _loss(after_model, data.subset(trusted))
+
+
+def test_alternating_epoch_runs_both_passes_on_one_optimiser(backdoor, tmp_path, monkeypatch):
+    poisoned, _, _, model = backdoor
+    engines = []
+    original = Engine.fit
+
+    def spy(self, epoch_fn):
+        engines.append(self)
+        return original(self, epoch_fn)
+
+    monkeypatch.setattr(Engine, "fit", spy)
+    split = _split(len(poisoned.is_poison), poisoned.is_poison, ~poisoned.is_poison)
+    unlearn_relearn(copy.deepcopy(model).requires_grad_(True), poisoned.untrusted(), split, _ctx(tmp_path),
+                    DBRConfig(epochs=1, batch_size=64))
+    (engine,) = engines
+    assert {"unlearn_loss", "relearn_loss"} <= set(engine.history[0])
+    # one optimiser, one step per batch of both passes: 51 suspected (1 batch) + 461 trusted (8)
+    assert engine.step_count == 1 + 8 == engine.steps_per_epoch
+
+
+def test_smoke_dbr_lowers_asr_of_a_backdoored_model(backdoor, tmp_path):
+    poisoned, attack, test, model = backdoor
+    before = backdoor_metrics(model, test, attack, CPU)
+    assert before["asr"] > 0.9
+    # the toy model was trained without augmentation (a flip moves the grid to the other
+    # corner, which it never saw), so D-BR's passes run without it too
+    config = replace(DBRConfig.for_profile("smoke"), augment="none")
+    result = repair(model, poisoned.untrusted(), _ctx(tmp_path), config)
+    after = backdoor_metrics(result.model, test, attack, CPU)
+    assert after["asr"] < before["asr"] - 0.5
+    assert after["clean_acc"] > 0.8
+    # the input model is untouched, and the result reports the SD split for detection metrics
+    assert backdoor_metrics(model, test, attack, CPU)["asr"] == before["asr"]
+    assert result.suspicion.shape == (512,) and int(result.flagged.sum()) == int(0.05 * 512)
+    assert [s["name"] for s in result.stages] == ["sd_model", "fct", "unlearn_relearn"]
+
+
+def test_modes_are_validated():
+    with pytest.raises(ValueError, match="mode"):
+        build_defense("dbr", "smoke", mode="sideways")
+    assert build_defense("dbr", "smoke", mode="unlearn").config.mode == "unlearn"

@@ -1,0 +1,31 @@
+"""A tiny backdoor problem for FCT / D-ST / D-BR tests.
+
+Each class is a noisy coloured disc in the middle of a black 16x16 image, so a rotation
+or shift keeps a clean image's content (as FCT assumes of natural images) while it moves
+the BadNets grid out of its corner. 10 % of the images carry the grid and label 0.
+"""
+
+import torch
+
+from unpoison.attacks.badnets import BadNets
+from unpoison.data.imageset import ImageSet
+from unpoison.runtime import generator
+
+
+def disc_dataset(n: int, num_classes: int = 4, size: int = 16, seed: int = 0) -> ImageSet:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % num_classes
+    palette = torch.rand(num_classes, 3, 1, 1, generator=g) * 160 + 60
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    disc = ((((ys - (size - 1) / 2) ** 2 + (xs - (size - 1) / 2) ** 2).sqrt()) <= size / 4).float()
+    noise = torch.randn(n, 3, size, size, generator=g) * 20
+    images = ((palette[labels] + noise) * disc).clamp(0, 255).to(torch.uint8)
+    return ImageSet(images, labels, [f"class{i}" for i in range(num_classes)])
+
+
+def tiny_backdoor(n_train: int = 512, n_test: int = 256):
+    """(poisoned training set, attack, clean test set)."""
+    full = disc_dataset(n_train + n_test)
+    train, test = full.subset(torch.arange(n_train)), full.subset(torch.arange(n_train, n_train + n_test))
+    attack = BadNets(target=0, rate=0.1)
+    return attack.poison(train, generator(0, "poison")), attack, test
