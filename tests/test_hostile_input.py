@@ -132,6 +132,32 @@ def test_broken_files_are_skipped_and_counted_never_a_crash(tmp_path, capsys):
     assert "skipped 6 files" in capsys.readouterr().err
 
 
+def test_pipes_and_devices_are_refused_instead_of_hanging(tmp_path):
+    import signal
+
+    def hung(signum, frame):
+        raise TimeoutError("reading a FIFO blocked")
+
+    data = make_folder(tmp_path / "data", per_class=5)
+    os.mkfifo(data / "cat" / "pipe.png")
+    (data / "dog house" / "zeros.png").symlink_to(data / "cat" / "pipe.png")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    os.mkfifo(flat / "pipe.jpg")
+    (flat / "real.png").write_bytes((data / "cat" / "img 0.png").read_bytes())
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        out = tmp_path / "out"
+        assert unpoison("train", "--data", data, "--out", out, *FAST) == 0
+        assert skipped(out).count("not a regular file") == 2 and train_json(out)["n_train"] == 15
+        assert unpoison("predict", "--model", out, "--data", flat, "--out", tmp_path / "p.csv") == 0
+        assert len((tmp_path / "p.csv").read_text().splitlines()) == 2
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_symlinks_leaving_the_folder_are_refused(tmp_path):
     data = make_folder(tmp_path / "data", per_class=5)
     outside = tmp_path / "outside"

@@ -15,6 +15,7 @@ import hashlib
 import html
 import json
 import os
+import stat
 import sys
 import warnings
 from collections import Counter, defaultdict
@@ -313,7 +314,15 @@ def _read_loose(files: list[Path], root: Path, size, arrays, paths, skipped) -> 
         if full.suffix.lower() not in IMAGE_EXTENSIONS:
             skipped.append(f"{rel}: not an image file extension")
             continue
-        if full.stat().st_size > MAX_FILE_BYTES:
+        try:
+            info = full.stat()
+        except OSError as exc:
+            skipped.append(f"{rel}: cannot read: {exc.strerror or exc}")
+            continue
+        if not stat.S_ISREG(info.st_mode):  # reading a FIFO or device would block forever
+            skipped.append(f"{rel}: not a regular file (pipe, socket or device), refused")
+            continue
+        if info.st_size > MAX_FILE_BYTES:
             skipped.append(f"{rel}: file larger than {MAX_FILE_BYTES} bytes")
             continue
         try:

@@ -33,9 +33,7 @@ def hash_path(path: Path) -> str:
     """sha256 of a file's bytes, or of every file (relative path + bytes) under a directory."""
     digest = hashlib.sha256()
     if path.is_file():
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        _hash_file(path, digest)
         return digest.hexdigest()
     for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
         dirnames.sort()
@@ -44,9 +42,18 @@ def hash_path(path: Path) -> str:
             digest.update(full.relative_to(path).as_posix().encode() + b"\0")
             if full.is_symlink():
                 digest.update(b"link:" + os.readlink(full).encode())
-            else:
-                digest.update(full.read_bytes())
+            elif full.is_file():
+                _hash_file(full, digest)
+            else:  # a FIFO or device in a hostile folder: reading it would block forever
+                digest.update(b"special")
     return digest.hexdigest()
+
+
+def _hash_file(path: Path, digest) -> None:
+    # in blocks: a folder may hold a multi-gigabyte non-image file
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
 
 
 def cached(key: dict, build: Callable[[], ImageSet], enabled: bool = True) -> ImageSet:

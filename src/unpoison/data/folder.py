@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import tarfile
 import unicodedata
 import warnings
@@ -135,12 +136,23 @@ def _list_directory(root: Path, prefix: str, refused: list[str]) -> tuple[list[_
             if full.is_symlink() and not _inside(os.path.realpath(full), real_root):
                 refused.append(f"{rel}: symlink points outside the folder")
                 continue
+            if _is_special(full):
+                refused.append(f"{rel}: not a regular file (pipe, socket or device), refused")
+                continue
             entry = _split_class(rel, prefix)
             if entry is not None:
                 entries.append(entry)
             elif Path(name).suffix.lower() not in IMAGE_EXTENSIONS and Path(dirpath) != base:
                 refused.append(f"{rel}: not an image file extension")
     return entries, class_dirs
+
+
+def _is_special(path: Path) -> bool:
+    """A FIFO, socket or device: reading one blocks forever or never ends."""
+    try:
+        return not stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False  # dangling link: reported when it is read
 
 
 def _inside(path: str, root: str) -> bool:
