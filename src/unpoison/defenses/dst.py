@@ -64,7 +64,12 @@ class DSTConfig:
         if profile == "paper":
             return cls(sd=sd)
         if profile == "quick":
-            return cls(sd=sd)
+            # 6 SS-CTL epochs instead of 200 (each is two views of 50k images: ~2x a supervised
+            # epoch), at batch 256 for twice the steps, lr scaled linearly with the batch and
+            # one warm-up epoch; the classifier stage is the paper's
+            return cls(sd=sd, ctl_epochs=6, ctl_batch_size=256, ctl_optim=OptimConfig(
+                lr=0.25, momentum=0.9, nesterov=False, weight_decay=1e-4, schedule="cosine", min_lr_fraction=1e-3,
+                warmup_epochs=1, warmup_start=0.02))
         if profile == "smoke":
             return cls(sd=sd, ctl_epochs=3, ctl_batch_size=64, cls_epochs=3, cls_batch_size=64,
                        ctl_optim=OptimConfig(lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
