@@ -128,6 +128,7 @@ def train_fixmatch(model: nn.Module, labelled: ImageSet, unlabelled_images: torc
         raise TypeError("train_fixmatch takes the unlabelled *images* only (a uint8 tensor), never their labels")
     if len(labelled) == 0:
         raise ValueError("FixMatch needs at least one labelled image")
+    model.requires_grad_(True)   # the starting point may be an EMA copy, which has gradients off
     engine = Engine(model, cfg.optim, runtime, name=name, epochs=cfg.epochs,
                     steps_per_epoch=cfg.steps(len(unlabelled_images)), seed=seed, checkpoint_dir=checkpoint_dir,
                     ema_decay=cfg.ema_decay, log_path=log_path, on_epoch_end=on_epoch_end, progress=progress)
