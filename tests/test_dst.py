@@ -46,3 +46,29 @@ def test_smoke_dst_lowers_asr_against_a_tiny_backdoor(tmp_path):
     # the returned network is the run's architecture with a new linear head, ready to save
     assert isinstance(result.model.head, torch.nn.Linear) and result.model.head.out_features == 4
     assert all(p.requires_grad for p in result.model.parameters())
+
+
+def test_dst_killed_during_ss_ctl_resumes_to_the_same_model(tmp_path, monkeypatch):
+    from unpoison.train import engine as engine_module
+
+    poisoned, _, _ = tiny_backdoor(n_train=128, n_test=8)
+    data = poisoned.untrusted()
+    defense = build_defense("dst", "smoke", ctl_epochs=2, cls_epochs=1)
+    reference = defense.fit(data, DefenseContext(CPU, "smoke", 0, "wrn16-1", tmp_path / "a", progress=False)).model
+
+    original, calls = engine_module.Engine.step, {"n": 0}
+
+    def dies(self, loss, images=0):
+        calls["n"] += self.name == "ss_ctl"
+        if self.name == "ss_ctl" and calls["n"] == 3:   # mid-way through SS-CTL's second epoch (2 steps each)
+            raise KeyboardInterrupt
+        return original(self, loss, images)
+
+    monkeypatch.setattr(engine_module.Engine, "step", dies)
+    ctx = DefenseContext(CPU, "smoke", 0, "wrn16-1", tmp_path / "b", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        defense.fit(data, ctx)
+    monkeypatch.setattr(engine_module.Engine, "step", original)
+    resumed = defense.fit(data, ctx).model
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)

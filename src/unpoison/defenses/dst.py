@@ -27,6 +27,7 @@ from ..data import augment
 from ..data.batches import batch_indices
 from ..data.imageset import ImageSet
 from ..detect.fct import SampleSplit, SDConfig, sample_distinguishment
+from ..runtime import derive_seed
 from ..train.contrastive import ContrastiveNet, ss_ctl_loss
 from ..train.engine import Engine, OptimConfig
 from ..train.supervised import DeviceData
@@ -136,6 +137,7 @@ def train_classifier(encoder: nn.Module, data: ImageSet, split: SampleSplit, ctx
     """Stage 2: a new linear head on the frozen encoder, trained on D_c and D_p (D_u dropped)."""
     keep = split.clean | split.poisoned
     encoder.requires_grad_(False)
+    torch.manual_seed(derive_seed(ctx.seed, "init", name))   # a resumed run draws the same head
     encoder.head = nn.Linear(encoder.feature_dim, data.num_classes)
     encoder.head.to(next(encoder.parameters()).device)
     subset = DeviceData(data.subset(keep), ctx.runtime)
