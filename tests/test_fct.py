@@ -59,6 +59,9 @@ def test_every_ablation_transform_runs_and_is_seeded(cpu, tmp_path):
         assert a.shape == (40,) and torch.equal(a, b) and (a >= 0).all()
     with pytest.raises(ValueError, match="unknown FCT transform"):
         fct_scores(model, data, ctx, "twirl")
+    with pytest.raises(ValueError, match="unknown FCT transform"):
+        build_detector("fct", "quick", transform="twirl")
+    assert build_detector("fct", "quick", transform="blur").config.transform == "blur"
 
 
 def test_split_sizes_follow_the_ratios_and_ranks():

@@ -57,6 +57,15 @@ class SDConfig:
     clean_fraction: float = 0.20          # alpha_c
     poison_fraction: float = 0.05         # alpha_p
 
+    def __post_init__(self) -> None:
+        # checked here so a typo fails before the quick model is trained, not after
+        if self.transform not in augment.TRANSFORMS:
+            raise ValueError(f"unknown FCT transform {self.transform!r}; known: {', '.join(augment.TRANSFORMS)}")
+        if not (0 <= self.clean_fraction and 0 <= self.poison_fraction and self.clean_fraction + self.poison_fraction <= 1):
+            raise ValueError("clean_fraction and poison_fraction must be >= 0 and sum to at most 1")
+        if self.draws < 1:
+            raise ValueError("draws must be >= 1")
+
     @classmethod
     def for_profile(cls, profile: str) -> "SDConfig":
         if profile == "paper":
