@@ -201,6 +201,27 @@ def test_archive_members_escaping_the_archive_are_refused_and_nothing_is_extract
     assert report.count("unsafe path in archive") == 3 and "link inside archive" in report
 
 
+def test_an_archive_too_big_to_hold_is_a_clear_error_and_non_images_are_never_read(tmp_path, monkeypatch, capsys):
+    from unpoison.data import folder
+
+    data = make_folder(tmp_path / "data", per_class=4)
+    (data / "cat" / "movie.mp4").write_bytes(os.urandom(4096))
+    archive = tmp_path / "data.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(data, arcname=".")
+    out = tmp_path / "out"
+    assert unpoison("train", "--data", archive, "--out", out, *FAST) == 0
+    assert "cat/movie.mp4: not an image file extension" in skipped(out)
+    assert "unsafe" not in skipped(out)  # the "." root entry of `tar -C dir .` is not an escape
+    assert json.loads((out / "train.json").read_text())["n_train"] == 12
+    image_bytes_held = sum(p.stat().st_size for p in data.rglob("*.*") if p.suffix != ".mp4")
+    monkeypatch.setattr(folder, "MAX_ARCHIVE_BYTES", image_bytes_held - 1)
+    copy = tmp_path / "copy.tar"  # new content, so the decode cache cannot answer
+    copy.write_bytes(archive.read_bytes() + b"\0" * 1024)
+    assert unpoison("train", "--data", copy, "--out", tmp_path / "out2", *FAST) == 2
+    assert "extract it and pass the folder" in capsys.readouterr().err
+
+
 def test_an_output_folder_inside_the_data_folder_is_refused(tmp_path, capsys):
     data = make_folder(tmp_path / "data", per_class=3)
     assert unpoison("scan", "--data", data, "--out", data / "results", "--detector", "spectral", *SMOKE) == 2

@@ -30,6 +30,7 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".ppm", ".
 # treated as a decompression bomb and the file is skipped before any pixel is decoded.
 MAX_PIXELS = 50_000_000
 MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_ARCHIVE_BYTES = 4 * 1024 ** 3   # image bytes an archive may hold in memory while it is read
 RESIZE_POLICY = ("every image is converted to RGB (alpha composited on white, palette and "
                  "grayscale expanded) and resized as a whole, without cropping, with bilinear "
                  "interpolation to {h}x{w}")
@@ -97,10 +98,10 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 def _safe_member_name(name: str) -> str | None:
     """The normalised POSIX path of a tar member, or None when it tries to escape."""
     path = PurePosixPath(name)
-    if path.is_absolute() or ".." in path.parts or name.startswith(("/", "\\")) or ":" in path.parts[0]:
+    if path.is_absolute() or ".." in path.parts or name.startswith(("/", "\\")) or (path.parts and ":" in path.parts[0]):
         return None
     parts = [p for p in path.parts if p not in ("", ".")]
-    return "/".join(parts) if parts else None
+    return "/".join(parts)  # "" for the archive's root entry ("." from `tar -C dir .`)
 
 
 def _split_class(relpath: str, prefix: str) -> _Entry | None:
@@ -167,6 +168,8 @@ def _iter_archive(path: Path, refused: list[str]) -> Iterator[tuple[str, tarfile
     with archive:
         for member in archive:
             name = _safe_member_name(member.name)
+            if name == "":
+                continue
             if name is None:
                 refused.append(f"{member.name}: unsafe path in archive (absolute or '..'), refused")
                 continue
@@ -207,18 +210,29 @@ def read_image_folder(path: str | Path, split: str | None = None, image_size: in
         blobs: dict[str, bytes] = {}
         sizes_ok: dict[str, bool] = {}
         members = []
+        held = 0
         for name, member, archive in _iter_archive(path, refused):
             if member.isfile():
                 members.append(name)
+                if PurePosixPath(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue  # never read: only image files are decoded, and they are listed as skipped
                 if member.size > MAX_FILE_BYTES:
                     sizes_ok[name] = False
                     continue
+                held += member.size
+                if held > MAX_ARCHIVE_BYTES:  # a tar bomb must end in a message, not in the OOM killer
+                    raise DataFormatError(f"{path} holds more than {MAX_ARCHIVE_BYTES >> 30} GiB of image files; "
+                                          "extract it and pass the folder instead")
                 handle = archive.extractfile(member)
                 blobs[name] = handle.read() if handle else b""
             elif member.isdir():
                 members.append(name + "/")
         prefix = _archive_prefix(members, split)
         entries = [e for e in (_split_class(n, prefix) for n in members if not n.endswith("/")) if e]
+        inside = [n[len(prefix) + 1:] if prefix else n for n in members
+                  if not n.endswith("/") and (not prefix or n.startswith(prefix + "/"))]
+        refused += [f"{prefix + '/' if prefix else ''}{n}: not an image file extension" for n in inside
+                    if "/" in n and PurePosixPath(n).suffix.lower() not in IMAGE_EXTENSIONS]
         class_dirs = {unicodedata.normalize("NFC", n[len(prefix) + 1 if prefix else 0:].split("/")[0])
                       for n in members if n.startswith(prefix + "/" if prefix else "") and
                       "/" in n[len(prefix) + 1 if prefix else 0:]}
