@@ -113,7 +113,8 @@ def load_folder(path: Path, split: str | None, image_size: tuple[int, int], clas
 def _reason(line: str) -> str:
     reason = line.rsplit(": ", 1)[-1] if ": " in line else line
     for key in ("symlink", "unsafe path", "link inside", "decompression bomb", "empty file", "not an image",
-                "larger than", "not one of the known classes", "cannot decode"):
+                "larger than", "not one of the known classes", "cannot decode", "cannot read",
+                "not a regular file"):
         if key in line:
             return key
     return reason[:40]
