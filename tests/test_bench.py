@@ -174,7 +174,8 @@ def test_bench_runs_resumes_and_shards_merge_to_the_same_table(tmp_path, toy_roo
 
 def strip_times(markdown: str) -> str:
     """results.md without what differs between two runs of the same cells: wall times, commands."""
-    lines = [line for line in markdown.splitlines() if not line.startswith(("- wall time", "- command", "!["))]
+    lines = [line for line in markdown.splitlines()
+             if line.strip() and not line.startswith(("- wall time", "- command", "!["))]
     return "\n".join(line.rsplit("|", 2)[0] if line.startswith("|") else line for line in lines)
 
 

@@ -58,7 +58,7 @@ def stored_run(toy_root, tmp_path_factory) -> Path:
     try:
         run_module.run(run_module.RunConfig(profile="smoke", attack="badnets", out=str(out), data_root=str(toy_root),
                                             device="cpu", precision="fp32", progress=False, monitor="epochs",
-                                            defense_params={"train.epochs": 3}))
+                                            defense_params={"train.epochs": 3}, share_models=False))
     finally:
         patch.undo()
     return out

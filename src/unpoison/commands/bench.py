@@ -80,7 +80,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     options = bench.BenchOptions(data_root=args.data_root, device=args.device, precision=args.precision,
                                  progress=not args.no_progress, results=args.results,
                                  command="unpoison bench " + " ".join(command))
-    outcome = bench.run_grid(grid, args.out, cells, options)
+    try:
+        outcome = bench.run_grid(grid, args.out, cells, options)
+    except KeyboardInterrupt:
+        print("[bench] interrupted: run the same command again to continue (finished cells are kept; the "
+              "interrupted one resumes from its last finished epoch)", file=sys.stderr)
+        _finish(bench.write_tables(args.out, grid), args.out)
+        return 130
     print(f"[bench] ran {len(outcome['ran'])}, skipped {len(outcome['skipped'])} done, "
           f"failed {len(outcome['failed'])}", file=sys.stderr)
     _finish(bench.write_tables(args.out, grid), args.out)

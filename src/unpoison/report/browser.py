@@ -28,7 +28,8 @@ def _command(browser: str, profile_dir: str, *extra: str) -> list[str]:
     # an empty throw-away profile, nothing that phones home; --no-sandbox because CI runs as root
     return [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--hide-scrollbars", f"--user-data-dir={profile_dir}", *extra]
+            "--hide-scrollbars", "--run-all-compositor-stages-before-draw", "--virtual-time-budget=5000",
+            f"--user-data-dir={profile_dir}", *extra]
 
 
 def screenshot(page: str | os.PathLike, png: str | os.PathLike, width: int = 1100, height: int = 3200,

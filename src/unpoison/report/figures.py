@@ -105,6 +105,8 @@ def _plot_by_stage(ax, records: list[dict], keys: Iterable[str], scale: float = 
                 va="bottom", fontsize=8, color="0.3")
     from matplotlib.ticker import MaxNLocator
 
+    if spans:  # the whole span, also when only some epochs were measured (a resumed run)
+        ax.set_xlim(0.5, spans[-1][2] + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch (stages laid end to end)")
     ax.grid(alpha=0.3)
