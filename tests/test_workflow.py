@@ -196,6 +196,17 @@ def _reference_and_killed(tmp_path, monkeypatch, data, extra, stage, kill_at):
     assert unpoison("train", "--out", tmp_path / "b", "--resume", *args) == 0
 
 
+def test_resume_refuses_a_run_with_other_data_or_settings(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", per_class=6)
+    out = tmp_path / "run"
+    assert unpoison("train", "--data", data, "--out", out, "--defense", "none", *SMOKE) == 0
+    assert unpoison("train", "--data", data, "--out", out, "--defense", "none", "--seed", "1", "--resume", *SMOKE) == 2
+    assert "seed; rerun without --resume" in capsys.readouterr().err  # (the split moves too: data, seed)
+    (data / "cat" / "img 0.png").unlink()
+    assert unpoison("train", "--data", data, "--out", out, "--defense", "none", "--resume", *SMOKE) == 2
+    assert "different data" in capsys.readouterr().err
+
+
 def _assert_same_outputs(a, b):
     ma = torch.load(a / "model.pt", weights_only=True)["state_dict"]
     mb = torch.load(b / "model.pt", weights_only=True)["state_dict"]

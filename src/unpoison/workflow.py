@@ -358,6 +358,29 @@ def prepare_out(out: Path, resume: bool, outputs: Iterable[str]) -> None:
             (out / name).unlink(missing_ok=True)
 
 
+RUN_IDENTITY = "run-identity.json"
+
+
+def check_resume(out: Path, resume: bool, identity: dict[str, Any]) -> None:
+    """--resume continues only the run that OUT holds: same data (every pixel and label),
+    settings and seed. Otherwise the checkpoints would silently finish a different run."""
+    from .defenses.base import to_plain
+
+    identity = json.loads(json.dumps(to_plain(identity), default=str))
+    path = out / RUN_IDENTITY
+    if resume and path.exists():
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = None
+        if previous != identity:
+            changed = sorted(k for k in set(identity) | set(previous or {})
+                             if (previous or {}).get(k) != identity.get(k))
+            raise UserError(f"--resume: {out} holds a run with different {', '.join(changed) or 'settings'}; "
+                            "rerun without --resume to start over")
+    write_json(path, identity)
+
+
 def user_context(out: Path, runtime: Runtime, profile: str, seed: int, model: str, progress: bool,
                  share: bool, data: ImageSet) -> DefenseContext:
     """A DefenseContext for a run without ground truth; models that an identical run

@@ -60,6 +60,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
     from .. import artifacts
     from .. import workflow as wf
+    from ..data.cache import hash_path
     from ..defenses.base import DefenseResult, apply_overrides
     from ..io import environment
     from ..profiles import get_profile
@@ -83,6 +84,9 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
     data = wf.load_training_data(data_path, args.split, size, args.val_split, args.test, args.seed, classes=classes)
     wf.write_skipped(out, data.skipped)
+    wf.check_resume(out, args.resume, {"command": "repair", "data": wf.data_digest(data.train),
+                                       "repaired_model": hash_path(Path(args.model).expanduser()),
+                                       "config": _plain(config), "profile": args.profile, "seed": args.seed})
     unknown = [s for s in data.train.skipped if "not one of the known classes" in s]
     if unknown:
         wf.say(f"[data] warning: {len(unknown)} images are in class folders the model does not know; "

@@ -58,6 +58,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     checked = wf.check_classes(wf.load_folder(data_path, split, size, what="data"))
     data = checked.data
     wf.write_skipped(out, data.skipped)
+    wf.check_resume(out, args.resume, {"command": "scan", "data": wf.data_digest(data),
+                                       "detector": detector.describe(), "model": args.model,
+                                       "profile": args.profile, "seed": args.seed})
 
     ctx = wf.user_context(out, runtime, args.profile, args.seed, args.model, not args.no_progress,
                           not args.no_share, data)

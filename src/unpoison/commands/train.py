@@ -67,6 +67,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     data = wf.load_training_data(data_path, args.split, args.image_size, args.val_split, args.test, args.seed)
     wf.write_skipped(out, data.skipped)
+    wf.check_resume(out, args.resume, {"command": "train", "data": wf.data_digest(data.train),
+                                       "defense": defense.describe(), "model": args.model,
+                                       "profile": args.profile, "seed": args.seed})
     ctx = wf.user_context(out, runtime, args.profile, args.seed, args.model, not args.no_progress,
                           not args.no_share, data.train)
     monitor = wf.HeldOutMonitor(data.held_out, runtime, out, args.seed)
