@@ -149,10 +149,11 @@ def test_bench_runs_resumes_and_shards_merge_to_the_same_table(tmp_path, toy_roo
     def must_not_run(cfg):
         raise AssertionError(f"cell {cfg.out} ran again")
 
-    monkeypatch.setattr(run_module, "run", must_not_run)
-    again = bench.run_grid(grid, full, grid.cells(), options(toy_root))
+    # a context, not monkeypatch.undo(): undo would also drop conftest's isolated UNPOISON_CACHE
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "run", must_not_run)
+        again = bench.run_grid(grid, full, grid.cells(), options(toy_root))
     assert len(again["skipped"]) == 4 and not again["ran"]
-    monkeypatch.undo()
 
     # two shards merged give the unsharded table (same numbers: runs are deterministic)
     parts = []
@@ -301,3 +302,12 @@ def test_paper_numbers_match_the_spec():
                 row, column = paper["defenses"][defense], paper["attacks"][attack]
                 text = table[row][column] if rows_are == "defenses" else table[column][row]
                 assert [float(v) for v in text.split("/")] == numbers, (key, defense, attack)
+
+
+def test_a_detection_only_run_is_its_own_row():
+    base = {"dataset": "cifar10", "model": "wrn16-1", "profile": "quick", "attack": "badnets", "defense": "none",
+            "seed": 0, "clean_acc": 0.8, "asr": 1.0, "robust_acc": 0.0, "wall_seconds": 1.0}
+    detector_run = {**base, "detector": "fct", "clean_acc": 0.1, "detection": {"auroc": 0.99}}
+    summary = bench.summarize([base, detector_run])
+    assert [s["defense"] for s in summary] == ["none", "fct (detector only)"]
+    assert summary[0]["clean_acc_mean"] == 0.8 and summary[1]["auroc_mean"] == 0.99

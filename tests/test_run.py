@@ -29,7 +29,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     from unpoison.train import engine as engine_module
 
     base = dict(profile="smoke", attack="badnets", data_root=str(data_root()), device="cpu", progress=False,
-                share_models=False, defense_params={"train.epochs": 3})
+                share_models=False, defense_params={"train.epochs": 3}, monitor="epochs")
     reference = run(RunConfig(out=str(tmp_path / "a"), **base))
 
     original = engine_module.Engine._save
@@ -48,3 +48,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     resumed = run(RunConfig(out=str(tmp_path / "b"), resume=True, **base))
     for key in ("clean_acc", "asr", "robust_acc", "n_poisoned"):
         assert resumed[key] == reference[key]
+    # the curves keep the epochs measured before the kill, and the wall time counts them
+    assert [c["epoch"] for c in resumed["curves"]] == [1, 2, 3]
+    assert resumed["curves"] == reference["curves"]
+    before_kill = [json.loads(line)["elapsed"] for line in (tmp_path / "b" / "monitor.jsonl").read_text().splitlines()]
+    assert resumed["wall_seconds"] >= before_kill[1]

@@ -69,6 +69,11 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
 
 
 def cache_key(parts: dict) -> str:
+    """A hash of what a cached model depends on, and of the unpoison version that trained it
+    (a new version may train differently, so it never picks up an older version's models)."""
+    from . import __version__
+
+    parts = {**parts, "unpoison_version": __version__}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

@@ -471,8 +471,10 @@ def flat_row(metrics: dict) -> dict[str, Any]:
     """One results.csv row: the cell's labels and measurements (fractions, not percent)."""
     spec = metrics.get("bench", {}).get("spec", {})
     detection = metrics.get("detection") or {}
+    # a detection-only run (`run --detector`) is its own row, never averaged into the defence's
+    label = f"{metrics['detector']} (detector only)" if metrics.get("detector") else metrics.get("defense")
     row = {"cell": metrics.get("bench", {}).get("cell"), "attack": spec.get("attack", metrics.get("attack")),
-           "defense": spec.get("defense", metrics.get("defense")), "attack_name": metrics.get("attack"),
+           "defense": spec.get("defense", label), "attack_name": metrics.get("attack"),
            "defense_name": metrics.get("defense")}
     for key in ("dataset", "model", "seed", "profile", "n_train", "n_poisoned", "clean_acc", "asr", "robust_acc",
                 "wall_seconds", "device"):

@@ -7,6 +7,7 @@ gets `poisoned.untrusted()` and hooks that return nothing.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -30,6 +31,9 @@ from .metrics import backdoor_metrics, detection_metrics, subset_accuracy
 from .profiles import get_profile
 from .report.arrays import SCORES_FILE, TRIGGER_FILE, save_scores, save_trigger_examples
 from .runtime import Runtime, generator
+
+
+MONITOR_JOURNAL = "monitor.jsonl"
 
 
 @dataclass
@@ -61,18 +65,51 @@ class RunConfig:
 
 class Monitor:
     """Measures models from outside the defence: CA/ASR per stage (and per epoch when
-    asked, on a fixed subsample) plus training accuracy on poisoned vs clean samples."""
+    asked, on a fixed subsample) plus training accuracy on poisoned vs clean samples.
+
+    With a journal (OUT/monitor.jsonl) every epoch's measurements and the run's elapsed time
+    are appended as they happen, so a resumed run keeps the curves and the wall time of the
+    epochs it does not train again."""
 
     def __init__(self, test: ImageSet, attack: Attack, poisoned: PoisonedSet, runtime: Runtime,
-                 every_epoch: bool, seed: int, sample: int = 2000) -> None:
+                 every_epoch: bool, seed: int, sample: int = 2000, journal: Path | None = None,
+                 resume: bool = False, started: float | None = None) -> None:
         self.test, self.attack, self.runtime = test, attack, runtime
         self.every_epoch = every_epoch
         self.backdoor = attack.backdoor_test(test) if attack.name != "none" else None
         g = generator(seed, "monitor")
         self.test_sample = test.head(sample, g)
         self.train_sample, self.sample_is_poison = self._train_sample(poisoned, sample, g)
-        self.curves: list[dict] = []
+        self._curves: dict[tuple[str, int], dict] = {}
         self.stage_metrics: dict[str, dict] = {}
+        self.journal, self.elapsed_before = journal, 0.0
+        self.started = time.perf_counter() if started is None else started
+        if journal is not None and resume and journal.is_file():
+            self._replay(journal)
+
+    def _replay(self, journal: Path) -> None:
+        for line in journal.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if "curve" in entry:
+                self._curves[(entry["curve"]["stage"], entry["curve"]["epoch"])] = entry["curve"]
+            self.elapsed_before = float(entry.get("elapsed", self.elapsed_before))
+
+    @property
+    def curves(self) -> list[dict]:
+        """Per-epoch records in the order first measured (an epoch trained again replaces its record)."""
+        return list(self._curves.values())
+
+    def elapsed(self) -> float:
+        """Wall seconds of the run, including the sessions before a resume."""
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def _log(self, entry: dict) -> None:
+        if self.journal is not None:
+            with open(self.journal, "a") as f:
+                f.write(json.dumps({**entry, "elapsed": round(self.elapsed(), 2)}) + "\n")
 
     @staticmethod
     def _train_sample(poisoned: PoisonedSet, n: int, g: torch.Generator):
@@ -84,11 +121,13 @@ class Monitor:
 
     def on_epoch(self, stage: str, model: nn.Module, epoch: int) -> None:
         if not self.every_epoch:
+            self._log({"stage": stage, "epoch": epoch + 1})
             return
         record = {"stage": stage, "epoch": epoch + 1}
         record.update(backdoor_metrics(model, self.test_sample, self.attack, self.runtime))
         record.update(subset_accuracy(model, self.train_sample, self.sample_is_poison, self.runtime))
-        self.curves.append(record)
+        self._curves[(stage, epoch + 1)] = record
+        self._log({"curve": record})
         shown = " ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float))
         print(f"[monitor] {stage} epoch {epoch + 1}: {shown}", file=sys.stderr, flush=True)
 
@@ -115,7 +154,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        for stale in ("log.jsonl", "metrics.json", TRIGGER_FILE, SCORES_FILE, "report.html"):
+        for stale in ("log.jsonl", MONITOR_JOURNAL, "metrics.json", TRIGGER_FILE, SCORES_FILE, "report.html"):
             (out / stale).unlink(missing_ok=True)
     profile = get_profile(cfg.profile)
     runtime = Runtime.create(cfg.device, cfg.precision, compile=cfg.compile)
@@ -150,7 +189,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     defense = build_defense(cfg.defense, cfg.profile, **cfg.defense_params)
     every_epoch = cfg.monitor == "epochs" or (cfg.monitor == "auto" and profile.monitor_every_epoch)
-    monitor = Monitor(test, attack, poisoned, runtime, every_epoch, cfg.seed)
+    monitor = Monitor(test, attack, poisoned, runtime, every_epoch, cfg.seed, journal=out / MONITOR_JOURNAL,
+                      resume=cfg.resume, started=start)
     ctx.on_epoch, ctx.on_stage = monitor.on_epoch, monitor.on_stage
     ctx.shared_model = shared({"attack": attack.describe()})
 
@@ -165,7 +205,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "n_poisoned": poisoned.n_poisoned, "poison_rate": attack.rate,
         "target": attack.target if attack.mode == "all2one" and attack.name != "none" else None,
         **final,
-        "wall_seconds": round(time.perf_counter() - start, 1), "device": runtime.describe(),
+        "wall_seconds": round(monitor.elapsed(), 1), "device": runtime.describe(),
         "stages": stages,
         "attack_config": attack.describe(), "defense_config": defense.describe(),
         "profile_note": profile.note, "environment": environment(),

@@ -89,13 +89,15 @@ class TrojanNN(Attack):
         g = generator(context.seed, "trojannn", "sample")
         sample = train.images[torch.randperm(len(train), generator=g)[: self.sample]]
         top, left = self.corner(*train.image_size)
-        patch, before, after = optimise_patch(model, self.layer, neuron_index, sample, top, left, self.size,
+        patch, before, after, spread = optimise_patch(model, self.layer, neuron_index, sample, top, left, self.size,
                                               self.steps, self.lr, self.target_value, g, runtime.device)
         self.patch = patch
+        # how far the trigger moves the neurons, in units of their spread over clean images
         self.report = {"neuron_index": neuron_index.tolist(), "activation_clean": round(before, 4),
-                       "activation_triggered": round(after, 4)}
+                       "activation_triggered": round(after, 4), "activation_clean_std": round(spread, 4)}
         print(f"[attack] TrojanNN: neurons {neuron_index.tolist()} of '{self.layer}' driven from "
-              f"{before:.3f} to {after:.3f} (mean activation, uint8 patch)", file=sys.stderr, flush=True)
+              f"{before:.3f} to {after:.3f} (mean activation with the uint8 patch; clean std {spread:.3f})",
+              file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ poisoning
     def apply_trigger(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
@@ -181,11 +183,11 @@ def _activations(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
 
 def optimise_patch(model: nn.Module, layer: str, neuron_index: torch.Tensor, images: torch.Tensor, top: int,
                    left: int, size: int, steps: int, lr: float, target_value: float, g: torch.Generator,
-                   device: torch.device) -> tuple[torch.Tensor, float, float]:
+                   device: torch.device) -> tuple[torch.Tensor, float, float, float]:
     """Adam on the patch pixels (in [0, 1]) minimising mean (activation - target)^2.
 
-    Returns the uint8 (3, size, size) patch and the mean selected activation on the
-    sample before (clean) and after (with the quantised patch)."""
+    Returns the uint8 (3, size, size) patch, the mean selected activation on the sample
+    before (clean) and after (with the quantised patch), and its clean standard deviation."""
     model.eval()
     x = augment.to_float(images).to(device)
     height, width = x.shape[-2:]
@@ -213,7 +215,7 @@ def optimise_patch(model: nn.Module, layer: str, neuron_index: torch.Tensor, ima
             p.requires_grad_(True)
     quantised = augment.to_uint8(patch.detach()).cpu()
     with torch.no_grad():
-        before = float(_activations(model, layer, x)[:, idx].mean())
+        clean = _activations(model, layer, x)[:, idx]
         stamped = augment.to_float(stamp(images, quantised, top, left)).to(device)
         after = float(_activations(model, layer, stamped)[:, idx].mean())
-    return quantised, before, after
+    return quantised, float(clean.mean()), after, float(clean.std())

@@ -78,9 +78,10 @@ class CBDConfig:
         if profile == "paper":
             return cls()
         if profile == "quick":
-            # f_B keeps its 5 epochs (it must fit the backdoor); f_C is scaled from 100 to 15
-            # epochs with the schedule's drops and the critic's lr step at the same fractions.
-            return cls(epochs=15)
+            # f_B keeps its 5 epochs (it must fit the backdoor); f_C is scaled from 100 to 10
+            # epochs (the quick baseline's length), with the schedule's drops and the critic's
+            # lr step at the same fractions (epochs 2 and 7; critic lr / 10 every 2 epochs).
+            return cls(epochs=10)
         if profile == "smoke":
             return cls(backdoored=_backdoored_recipe(1), epochs=4)
         raise ValueError(f"unknown profile {profile!r}")
