@@ -6,15 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from toy_backdoor import tiny_backdoor
+from toy_backdoor import tiny_backdoor, train_toy_backdoored
 from unpoison.defenses import build_defense
 from unpoison.defenses.base import DefenseContext
 from unpoison.defenses.dbr import DBRConfig, repair, unlearn_relearn
 from unpoison.detect.fct import SampleSplit
 from unpoison.metrics import backdoor_metrics
-from unpoison.models import build_model
 from unpoison.runtime import Runtime
-from unpoison.train import Engine, OptimConfig, TrainConfig, predict, train_supervised
+from unpoison.train import Engine, OptimConfig, predict
 
 CPU = Runtime.create("cpu", "fp32")
 
@@ -24,12 +23,7 @@ def backdoor():
     """The tiny backdoor of toy_backdoor.py and a model trained on it without augmentation
     (it learns the backdoor: ASR ~ 1)."""
     poisoned, attack, test = tiny_backdoor()
-    torch.manual_seed(0)
-    model = train_supervised(build_model("wrn16-1", 4), poisoned.untrusted(),
-                             TrainConfig(epochs=4, batch_size=32, augment="none",
-                                         optim=OptimConfig(lr=0.05, schedule="constant")),
-                             CPU, name="backdoored", seed=0, progress=False)
-    return poisoned, attack, test, model
+    return poisoned, attack, test, train_toy_backdoored(poisoned)
 
 
 def _ctx(tmp_path: Path) -> DefenseContext:

@@ -3,14 +3,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from toy_backdoor import tiny_backdoor
+from toy_backdoor import tiny_backdoor, train_toy_backdoored
 from unpoison.defenses import build_defense
 from unpoison.defenses.base import DefenseContext
 from unpoison.defenses.dst import DSTConfig
 from unpoison.metrics import backdoor_metrics
-from unpoison.models import build_model
 from unpoison.runtime import Runtime
-from unpoison.train import OptimConfig, TrainConfig, train_supervised
 
 CPU = Runtime.create("cpu", "fp32")
 
@@ -27,11 +25,7 @@ def test_configs_follow_the_paper():
 
 def test_smoke_dst_lowers_asr_against_a_tiny_backdoor(tmp_path):
     poisoned, attack, test = tiny_backdoor()
-    torch.manual_seed(0)
-    undefended = train_supervised(build_model("wrn16-1", 4), poisoned.untrusted(),
-                                  TrainConfig(epochs=4, batch_size=32, augment="none",
-                                              optim=OptimConfig(lr=0.05, schedule="constant")),
-                                  CPU, name="undefended", seed=0, progress=False)
+    undefended = train_toy_backdoored(poisoned, name="undefended")
     before = backdoor_metrics(undefended, test, attack, CPU)
     assert before["asr"] > 0.9
     ctx = DefenseContext(CPU, "smoke", 0, "wrn16-1", Path(tmp_path), progress=False)

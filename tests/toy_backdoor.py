@@ -29,3 +29,17 @@ def tiny_backdoor(n_train: int = 512, n_test: int = 256):
     train, test = full.subset(torch.arange(n_train)), full.subset(torch.arange(n_train, n_train + n_test))
     attack = BadNets(target=0, rate=0.1)
     return attack.poison(train, generator(0, "poison")), attack, test
+
+
+def train_toy_backdoored(poisoned, name: str = "backdoored"):
+    """A WRN-16-1 trained on tiny_backdoor's poisoned set without augmentation (a flip would
+    move the grid to the other corner): it learns the backdoor, ASR ~ 1."""
+    from unpoison.models import build_model
+    from unpoison.runtime import Runtime
+    from unpoison.train import OptimConfig, TrainConfig, train_supervised
+
+    torch.manual_seed(0)
+    return train_supervised(build_model("wrn16-1", 4), poisoned.untrusted(),
+                            TrainConfig(epochs=4, batch_size=32, augment="none",
+                                        optim=OptimConfig(lr=0.05, schedule="constant")),
+                            Runtime.create("cpu", "fp32"), name=name, seed=0, progress=False)
