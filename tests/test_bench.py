@@ -311,3 +311,15 @@ def test_a_detection_only_run_is_its_own_row():
     summary = bench.summarize([base, detector_run])
     assert [s["defense"] for s in summary] == ["none", "fct (detector only)"]
     assert summary[0]["clean_acc_mean"] == 0.8 and summary[1]["auroc_mean"] == 0.99
+
+
+def test_provenance_collapses_per_cell_commands_into_one_template():
+    from unpoison.bench import command_template, provenance
+
+    cells = [{"attack": a, "defense": d, "bench": {"command": f"unpoison run --attack {a} --defense {d} --out runs/{a}-{d}"}}
+             for a, d in [("none", "none"), ("badnets", "dbr"), ("sig", "none")]]
+    assert command_template(cells[1]) == "unpoison run --attack <attack> --defense <defense> --out runs/<attack>-<defense>"
+    assert sum(line.count("`unpoison run") for line in provenance(cells)) == 1
+    # a command naming another attack than its cell's is left as it is
+    odd = {"attack": "sig", "defense": "none", "bench": {"command": "unpoison run --attack sigx --defense none"}}
+    assert command_template(odd) == "unpoison run --attack sigx --defense <defense>"

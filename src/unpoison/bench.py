@@ -539,11 +539,23 @@ def write_tables(out: str | Path, grid: Grid, plots: bool = True) -> dict[str, A
     return {"finished": len(results), "missing": [c.id for c in missing], "summary": summary}
 
 
+def command_template(metrics: dict) -> str:
+    """A cell's recorded command with its attack and defence written as <attack>/<defense>,
+    so a grid's cells share one line of provenance instead of one line each."""
+    command = metrics.get("bench", {}).get("command") or ""
+    attack, defense = metrics.get("attack"), metrics.get("defense")
+    if not command or not attack or not defense:
+        return command
+    command = re.sub(rf"--attack {re.escape(attack)}(?=\s|$)", "--attack <attack>", command)
+    command = re.sub(rf"--defense {re.escape(defense)}(?=\s|$)", "--defense <defense>", command)
+    return command.replace(f"{attack}-{defense}", "<attack>-<defense>")
+
+
 def provenance(results: Sequence[dict]) -> list[str]:
     """Commands, machines, versions and wall time of a set of results, as Markdown lines."""
     if not results:
         return []
-    commands = sorted({m.get("bench", {}).get("command") or "" for m in results} - {""})
+    commands = sorted({command_template(m) for m in results} - {""})
     devices = sorted({m.get("device", "?") for m in results})
     versions = sorted({", ".join(f"{k} {v}" for k, v in m.get("environment", {}).items()
                                  if k in ("unpoison", "torch", "torchvision", "python")) for m in results})
