@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     metrics = json.loads(source.read_text())
     metrics["bench"] = {**metrics.get("bench", {}), "command": args.command}
-    parts = [metrics["dataset"], metrics["attack"], metrics["defense"], metrics.get("detector"),
+    rate = metrics.get("poison_rate")
+    rate_part = f"rate{rate:g}" if metrics["attack"] != "none" and rate is not None and abs(rate - 0.1) > 1e-9 else None
+    parts = [metrics["dataset"], metrics["attack"], rate_part, metrics["defense"], metrics.get("detector"),
              metrics["model"], f"s{metrics['seed']}"]
     target = HERE / "results" / args.folder / (".".join(p for p in parts if p) + ".json")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -323,3 +323,16 @@ def test_provenance_collapses_per_cell_commands_into_one_template():
     # a command naming another attack than its cell's is left as it is
     odd = {"attack": "sig", "defense": "none", "bench": {"command": "unpoison run --attack sigx --defense none"}}
     assert command_template(odd) == "unpoison run --attack sigx --defense <defense>"
+
+
+def test_a_non_standard_poison_rate_gets_its_own_row():
+    from unpoison.bench import flat_row, summarize
+
+    def cell(rate, asr):
+        return {"dataset": "cifar10", "model": "wrn16-1", "profile": "quick", "seed": 0, "attack": "sig",
+                "defense": "none", "poison_rate": rate, "clean_acc": 0.8, "asr": asr}
+
+    assert flat_row(cell(0.1, 0.9))["attack"] == "sig"
+    assert flat_row(cell(0.05, 0.8))["attack"] == "sig (rate 0.05)"
+    rows = summarize([cell(0.1, 0.9), cell(0.05, 0.8)])
+    assert [r["attack"] for r in rows] == ["sig", "sig (rate 0.05)"] and all(r["n"] == 1 for r in rows)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .attacks.base import DEFAULT_RATE
 from .io import write_csv, write_json, atomic_write_text
 from .report import tables
 
@@ -473,7 +474,11 @@ def flat_row(metrics: dict) -> dict[str, Any]:
     detection = metrics.get("detection") or {}
     # a detection-only run (`run --detector`) is its own row, never averaged into the defence's
     label = f"{metrics['detector']} (detector only)" if metrics.get("detector") else metrics.get("defense")
-    row = {"cell": metrics.get("bench", {}).get("cell"), "attack": spec.get("attack", metrics.get("attack")),
+    attack = metrics.get("attack")
+    rate = metrics.get("poison_rate")
+    if attack != "none" and rate is not None and abs(rate - DEFAULT_RATE) > 1e-9:
+        attack = f"{attack} (rate {rate:g})"   # never averaged with the standard-rate cell
+    row = {"cell": metrics.get("bench", {}).get("cell"), "attack": spec.get("attack", attack),
            "defense": spec.get("defense", label), "attack_name": metrics.get("attack"),
            "defense_name": metrics.get("defense")}
     for key in ("dataset", "model", "seed", "profile", "n_train", "n_poisoned", "clean_acc", "asr", "robust_acc",

@@ -15,6 +15,10 @@ import torch
 from ..data.imageset import ImageSet
 
 
+# the papers' standard poison rate; results at another rate are labelled with theirs
+DEFAULT_RATE = 0.1
+
+
 @dataclass
 class PoisonedSet:
     train: ImageSet                 # poisoned images, labels as the attacker left them
@@ -54,7 +58,7 @@ class Attack:
     name = "attack"
     clean_label = False
 
-    def __init__(self, target: int = 0, rate: float = 0.1, mode: str = "all2one") -> None:
+    def __init__(self, target: int = 0, rate: float = DEFAULT_RATE, mode: str = "all2one") -> None:
         if mode not in ("all2one", "all2all"):
             raise ValueError(f"mode must be all2one or all2all, got {mode!r}")
         if not 0 <= rate <= 1:
