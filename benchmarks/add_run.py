@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from unpoison.bench import nonstandard_rate
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -31,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     metrics = json.loads(source.read_text())
     metrics["bench"] = {**metrics.get("bench", {}), "command": args.command}
-    rate = metrics.get("poison_rate")
-    rate_part = f"rate{rate:g}" if metrics["attack"] != "none" and rate is not None and abs(rate - 0.1) > 1e-9 else None
+    rate = nonstandard_rate(metrics)
+    rate_part = f"rate{rate:g}" if rate is not None else None
     parts = [metrics["dataset"], metrics["attack"], rate_part, metrics["defense"], metrics.get("detector"),
              metrics["model"], f"s{metrics['seed']}"]
     target = HERE / "results" / args.folder / (".".join(p for p in parts if p) + ".json")

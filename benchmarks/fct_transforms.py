@@ -6,7 +6,7 @@
 The SD model is a cache entry (its KEY is in `reused_models` of a D-ST run, which reuses the
 SD model its D-BR run trained). Scores a random subset of the poisoned training set (the same
 poisoning as `unpoison run --attack A --seed 0`) with every transformation in
-`augment.TRANSFORMS`, and with the mean of their per-sample ranks, and prints the AUROCs.
+`augment.TRANSFORMS` through the detector's own `fct_scores`, and with the mean of their per-sample ranks, and prints the AUROCs.
 Attacks that need a reference model (TrojanNN, LC) are not supported here.
 """
 
@@ -15,14 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from types import SimpleNamespace
 
 import torch
 from sklearn.metrics import roc_auc_score
 
 from unpoison.attacks import build_attack
 from unpoison.data import augment, load_dataset
+from unpoison.detect.fct import fct_scores
 from unpoison.runtime import Runtime, generator
-from unpoison.train.supervised import extract_features
 
 from per_class_accuracy import load_cached
 
@@ -48,13 +49,11 @@ def main(argv: list[str] | None = None) -> int:
                        pick(torch.nonzero(~is_poison).flatten(), args.clean)])
     truth = is_poison[index].numpy()
     model = runtime.prepare_model(load_cached(args.sd, args.model, train.num_classes)).eval()
-    images = data.images[index]
-    reference = extract_features(model, images, runtime)
+    subset = data.subset(index)
+    context = SimpleNamespace(runtime=runtime, seed=args.seed)   # all fct_scores reads of a run's context
     auroc, ranks = {}, []
-    for name, tau in augment.TRANSFORMS.items():
-        tg = generator(args.seed, "fct", name)
-        moved = extract_features(model, images, runtime, transform=lambda x: tau(x, tg))
-        scores = (reference - moved).pow(2).mean(1)
+    for name in augment.TRANSFORMS:
+        scores = fct_scores(model, subset, context, transform=name)
         auroc[name] = round(float(roc_auc_score(truth, scores.numpy())), 4)
         ranks.append(scores.argsort().argsort().float())
     auroc["mean_rank_of_all"] = round(float(roc_auc_score(truth, torch.stack(ranks).mean(0).numpy())), 4)

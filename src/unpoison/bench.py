@@ -468,6 +468,14 @@ def collect(out: str | Path, grid: Grid) -> tuple[list[dict], list[Cell]]:
     return results, missing
 
 
+def nonstandard_rate(metrics: dict) -> float | None:
+    """The run's poison rate when it is not the papers' standard one (None otherwise)."""
+    rate = metrics.get("poison_rate")
+    if metrics.get("attack") in (None, "none") or rate is None or abs(rate - DEFAULT_RATE) < 1e-9:
+        return None
+    return rate
+
+
 def flat_row(metrics: dict) -> dict[str, Any]:
     """One results.csv row: the cell's labels and measurements (fractions, not percent)."""
     spec = metrics.get("bench", {}).get("spec", {})
@@ -475,9 +483,8 @@ def flat_row(metrics: dict) -> dict[str, Any]:
     # a detection-only run (`run --detector`) is its own row, never averaged into the defence's
     label = f"{metrics['detector']} (detector only)" if metrics.get("detector") else metrics.get("defense")
     attack = metrics.get("attack")
-    rate = metrics.get("poison_rate")
-    if attack != "none" and rate is not None and abs(rate - DEFAULT_RATE) > 1e-9:
-        attack = f"{attack} (rate {rate:g})"   # never averaged with the standard-rate cell
+    if nonstandard_rate(metrics) is not None:
+        attack = f"{attack} (rate {nonstandard_rate(metrics):g})"   # never averaged with the standard-rate cell
     row = {"cell": metrics.get("bench", {}).get("cell"), "attack": spec.get("attack", attack),
            "defense": spec.get("defense", label), "attack_name": metrics.get("attack"),
            "defense_name": metrics.get("defense")}
