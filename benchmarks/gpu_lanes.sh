@@ -11,7 +11,9 @@
 # WRN-16-1 at batch 128 leaves a large GPU mostly idle in one process, so several
 # processes together use it far better. A cell that would start after the budget is skipped;
 # at the budget every cell still running is stopped (rerun with --resume continues it).
-# Each cell writes RUNS/<attack>-<defence>/ (metrics.json, report.html, logs).
+# Each cell writes RUNS/<attack>-<defence>/ (metrics.json, report.html, logs). A cell
+# "badnets/dlp~ema" runs with the extra arguments in the variable ARGS_ema (e.g.
+# ARGS_ema="--set assft.ema_decay=0.999") and writes RUNS/badnets-dlp-ema/.
 set -u
 BUDGET=${BUDGET:-3000}
 RUNS=${RUNS:-runs/gpu}
@@ -25,13 +27,16 @@ lane() {
       until [ -f "$RUNS/${cell#wait:}/metrics.json" ] || [ $(( $(date +%s) - start )) -ge "$BUDGET" ]; do sleep 2; done
       continue
     fi
+    variant=""; [[ $cell == *~* ]] && { variant=${cell#*~}; cell=${cell%%~*}; }
     attack=${cell%/*}; defense=${cell#*/}
     left=$(( BUDGET - ($(date +%s) - start) ))
     [ "$left" -le 10 ] && { echo "skip $cell (budget spent)"; continue; }
-    name="$attack-$defense"
-    echo "$(date +%T) start $name"
+    name="$attack-$defense${variant:+-$variant}"
+    args_var="ARGS_$variant"; variant_args=${variant:+${!args_var}}
+    echo "$(date +%T) start $name ${variant_args:-}"
+    # shellcheck disable=SC2086  # the argument strings are meant to split into words
     timeout --signal=INT "$left" unpoison run --profile "$PROFILE" --attack "$attack" --defense "$defense" \
-      --monitor epochs --no-progress --out "$RUNS/$name" ${EXTRA_ARGS:-} > "$RUNS/$name.log" 2>&1
+      --monitor epochs --no-progress --out "$RUNS/$name" ${variant_args:-} ${EXTRA_ARGS:-} > "$RUNS/$name.log" 2>&1
     rc=$?
     echo "$(date +%T) end $name rc=$rc ($(( $(date +%s) - start )) s)"
   done

@@ -82,6 +82,19 @@ def test_active_unlearning_raises_the_loss_on_the_suspected_set(cpu):
     assert (predict(model, suspected.images, cpu).argmax(1) == suspected.labels).float().mean() <= 0.25
 
 
+def test_unlearning_a_set_already_at_chance_takes_no_step(cpu):
+    # the early stop can fire before the first step (an SL model that never fitted the
+    # suspected set): the model comes back unchanged, without an error
+    attack, poisoned, _ = _backdoored_toy(64)
+    model = build_model("wrn16-1", 4).eval()
+    suspected = poisoned.train.subset(poisoned.poison_index[:8])
+    wrong = ImageSet(suspected.images, (predict(model, suspected.images, cpu).argmax(1) + 1) % 4,
+                     suspected.classes)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model = unlearn(model, wrong, au_recipe("smoke"), cpu, name="au", seed=0, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_the_defence_only_ever_gets_images_and_labels(tmp_path, cpu, monkeypatch):
     """DLP.fit takes an ImageSet (no poison mask); FixMatch gets the unlabelled images only."""
     assert list(inspect.signature(DLP.fit).parameters) == ["self", "data", "ctx"]
@@ -136,6 +149,6 @@ def test_dlp_run_reports_stages_and_detection(tmp_path):
     for stage in metrics["stages"]:
         if stage["name"] != "filter":
             assert {"clean_acc", "asr", "seconds"} <= set(stage)
-    assert {"auroc", "precision", "recall", "n_flagged"} <= set(metrics["detection"])
+    assert {"auroc", "precision", "recall", "n_flagged", "n_trusted", "n_trusted_poisoned"} <= set(metrics["detection"])
     assert metrics["detection"]["n_flagged"] == round(0.01 * metrics["n_train"])
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["defense_config"]["order"] == "sl-au-assft"

@@ -48,8 +48,10 @@ def defense_effectiveness_rating(ca_backdoored: float, asr_backdoored: float, ca
 
 
 def detection_metrics(scores: torch.Tensor, is_poison: torch.Tensor, flagged: torch.Tensor | None = None,
-                      fpr: float = 0.05) -> dict[str, float | int | None]:
-    """AUROC and TPR at `fpr` of continuous scores; precision/recall of the flagged set."""
+                      trusted: torch.Tensor | None = None, fpr: float = 0.05) -> dict[str, float | int | None]:
+    """AUROC and TPR at `fpr` of continuous scores; precision/recall of the flagged set;
+    and how many poisoned samples slipped into the set the defence trusted as clean (each
+    of them teaches the backdoor again with its label)."""
     scores = scores.detach().double().cpu()
     truth = is_poison.bool().cpu()
     out: dict[str, float | int | None] = {"auroc": None, "tpr_at_fpr_5": None,
@@ -68,6 +70,10 @@ def detection_metrics(scores: torch.Tensor, is_poison: torch.Tensor, flagged: to
         out["n_flagged"] = int(flagged.sum())
         out["precision"] = hits / out["n_flagged"] if out["n_flagged"] else None
         out["recall"] = hits / n_pos if n_pos else None
+    if trusted is not None:
+        trusted = trusted.bool().cpu()
+        out["n_trusted"] = int(trusted.sum())
+        out["n_trusted_poisoned"] = int((trusted & truth).sum())
     return out
 
 

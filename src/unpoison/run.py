@@ -215,7 +215,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     scores = None
     if result.suspicion is not None or result.flagged is not None:
         scores = result.suspicion if result.suspicion is not None else result.flagged.float()
-        metrics["detection"] = detection_metrics(scores, poisoned.is_poison, result.flagged)
+        metrics["detection"] = detection_metrics(scores, poisoned.is_poison, result.flagged, result.trusted)
     if monitor.curves:
         metrics["curves"] = monitor.curves
     write_json(out / "metrics.json", metrics)

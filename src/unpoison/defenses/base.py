@@ -26,6 +26,7 @@ class DefenseResult:
     model: nn.Module
     suspicion: torch.Tensor | None = None   # per training sample; higher = more likely poisoned
     flagged: torch.Tensor | None = None     # bool per training sample: what the defence set aside
+    trusted: torch.Tensor | None = None     # bool per training sample: what it used as clean with its label
     stages: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 

@@ -116,7 +116,8 @@ def repair(model: nn.Module, data: ImageSet, ctx: DefenseContext, config: DBRCon
     repaired = timer.run("unlearn_relearn", config.epochs, lambda: unlearn_relearn(model, data, split, ctx, config))
     notes = [f"SD split: {int(split.clean.sum())} trusted clean, {int(split.poisoned.sum())} suspected poisoned, "
              f"{int(split.uncertain.sum())} uncertain; D-BR mode {config.mode}; last epoch returned"]
-    return DefenseResult(repaired, suspicion=split.scores, flagged=split.poisoned, stages=timer.records, notes=notes)
+    return DefenseResult(repaired, suspicion=split.scores, flagged=split.poisoned, trusted=split.clean,
+                         stages=timer.records, notes=notes)
 
 
 class DBR(Defense):

@@ -164,4 +164,5 @@ class DST(Defense):
         notes = [f"SD split: {int(split.clean.sum())} trusted clean, {int(split.poisoned.sum())} suspected "
                  f"poisoned, {int(split.uncertain.sum())} uncertain (dropped by the classifier); "
                  f"{'strict' if cfg.strict_positives else 'row-only'} positive mask; last epoch returned"]
-        return DefenseResult(model, suspicion=split.scores, flagged=split.poisoned, stages=timer.records, notes=notes)
+        return DefenseResult(model, suspicion=split.scores, flagged=split.poisoned, trusted=split.clean,
+                             stages=timer.records, notes=notes)

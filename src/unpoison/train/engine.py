@@ -70,7 +70,7 @@ def lr_at(cfg: OptimConfig, progress: float, total_epochs: float) -> float:
         base = cfg.lr * cfg.gamma ** sum(progress >= m for m in cfg.milestones)
     else:
         raise ValueError(f"unknown schedule {cfg.schedule!r}")
-    if progress < cfg.warmup_epochs:
+    if 0 < cfg.warmup_epochs and progress < cfg.warmup_epochs:
         base *= cfg.warmup_start + (1 - cfg.warmup_start) * progress / cfg.warmup_epochs
     return base
 
@@ -229,7 +229,7 @@ class Engine:
             extra = epoch_fn(self, epoch, g) or {}
             seconds = time.perf_counter() - start
             record = {"stage": self.name, "epoch": epoch + 1, "epochs": self.epochs,
-                      "lr": lr_at(self.optim_cfg, (self.step_count - 1) / self.steps_per_epoch, self.epochs),
+                      "lr": lr_at(self.optim_cfg, max(self.step_count - 1, 0) / self.steps_per_epoch, self.epochs),
                       "loss": self._loss_sum / max(self._loss_n, 1), "seconds": round(seconds, 2),
                       "img_per_s": round(self._images / max(seconds, 1e-9), 1), **extra}
             if self.on_epoch_end:
