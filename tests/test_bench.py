@@ -273,6 +273,28 @@ def test_results_md_is_regenerated_between_the_markers_only(tmp_path, toy_root):
     assert make_results.main(args + ["--check"]) == 1
 
 
+def test_add_run_keeps_a_labelled_variant_apart(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import add_run
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(add_run, "HERE", tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    base = {"dataset": "cifar10", "attack": "badnets", "defense": "dlp", "model": "wrn16-1", "seed": 0,
+            "profile": "quick", "poison_rate": 0.1, "clean_acc": 0.6, "asr": 0.03, "detection": {"precision": 1.0}}
+    for label, ca in ((None, 0.6), ("dlp-no-au", 0.5)):
+        (run / "metrics.json").write_text(json.dumps({**base, "clean_acc": ca}))
+        assert add_run.main([str(run), "--folder", "g", "--command", "c"] + (["--label", label] if label else [])) == 0
+    files = sorted(p.name for p in (tmp_path / "results" / "g").iterdir())
+    assert files == ["cifar10.badnets.dlp-no-au.wrn16-1.s0.json", "cifar10.badnets.dlp.wrn16-1.s0.json"]
+    results = [json.loads((tmp_path / "results" / "g" / f).read_text()) for f in files]
+    rows = {s["defense"]: s for s in bench.summarize(results)}
+    assert set(rows) == {"dlp", "dlp-no-au"} and rows["dlp-no-au"]["clean_acc_mean"] == 0.5
+    assert rows["dlp"]["precision_mean"] == 1.0 and "flagged precision" in bench.summary_table(list(rows.values()))
+
+
 def test_paper_numbers_match_the_spec():
     """benchmarks/paper_results.yaml was typed from the spec's tables; read them again to be sure."""
     import yaml

@@ -453,7 +453,7 @@ def merge(sources: Sequence[str | Path], out: str | Path) -> Grid:
 # ---------------------------------------------------------------------------- tables
 ROW_FIELDS = ("cell", "dataset", "model", "attack", "defense", "seed", "profile", "attack_name", "defense_name",
               "n_train", "n_poisoned", "clean_acc", "asr", "robust_acc", "auroc", "tpr_at_fpr_5", "precision",
-              "recall", "n_flagged", "wall_seconds", "device")
+              "recall", "n_flagged", "n_trusted_poisoned", "wall_seconds", "device")
 
 
 def collect(out: str | Path, grid: Grid) -> tuple[list[dict], list[Cell]]:
@@ -491,7 +491,7 @@ def flat_row(metrics: dict) -> dict[str, Any]:
     for key in ("dataset", "model", "seed", "profile", "n_train", "n_poisoned", "clean_acc", "asr", "robust_acc",
                 "wall_seconds", "device"):
         row[key] = metrics.get(key)
-    for key in ("auroc", "tpr_at_fpr_5", "precision", "recall", "n_flagged"):
+    for key in ("auroc", "tpr_at_fpr_5", "precision", "recall", "n_flagged", "n_trusted_poisoned"):
         row[key] = detection.get(key)
     return row
 
@@ -506,7 +506,7 @@ def summarize(results: Iterable[dict]) -> list[dict]:
     for (dataset, model, profile, attack, defense), rows in groups.items():
         entry = {"dataset": dataset, "model": model, "profile": profile, "attack": attack, "defense": defense,
                  "seeds": [r["seed"] for r in rows], "n": len(rows)}
-        for key in ("clean_acc", "asr", "robust_acc", "auroc", "wall_seconds"):
+        for key in ("clean_acc", "asr", "robust_acc", "auroc", "precision", "wall_seconds"):
             entry[f"{key}_mean"], entry[f"{key}_std"] = tables.mean_std(r[key] for r in rows)
         summary.append(entry)
     return summary
@@ -516,9 +516,10 @@ def summary_table(summary: Sequence[dict]) -> str:
     rows = [(s["attack"], s["defense"], ",".join(map(str, s["seeds"])),
              tables.pct_pm(s["clean_acc_mean"], s["clean_acc_std"]), tables.pct_pm(s["asr_mean"], s["asr_std"]),
              tables.pct_pm(s["robust_acc_mean"], s["robust_acc_std"]), tables.num_pm(s["auroc_mean"], s["auroc_std"]),
+             tables.num_pm(s["precision_mean"], s["precision_std"]),
              tables.duration(s["wall_seconds_mean"])) for s in summary]
     return tables.markdown_table(["attack", "defence", "seeds", "CA %", "ASR %", "RA %", "detection AUROC",
-                                  "wall time / seed"], rows)
+                                  "flagged precision", "wall time / seed"], rows)
 
 
 def write_tables(out: str | Path, grid: Grid, plots: bool = True) -> dict[str, Any]:

@@ -102,6 +102,9 @@ def _summary(run_dir: Path, m: dict) -> str:
                  ("flagged samples", detection.get("n_flagged", "\u2014")),
                  ("precision / recall of the flagged set",
                   f"{pct(detection.get('precision'))} % / {pct(detection.get('recall'))} %")]
+        if detection.get("n_trusted") is not None:
+            rows.append(("poisoned samples in the trusted-clean set",
+                         f"{detection['n_trusted_poisoned']} of {detection['n_trusted']}"))
     out = _table(["measure", "value"], rows)
     if m.get("reused_models"):
         out += "<p>Reused from the model cache (identical data, recipe and seed): " + \
