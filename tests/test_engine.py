@@ -49,6 +49,22 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, cpu, em
         assert torch.equal(a, b)
 
 
+def test_a_stopped_epoch_ends_the_stage_and_resume_keeps_it_ended(tmp_path, cpu):
+    data = toy_dataset(64, 4)
+    epoch = supervised_epoch(DeviceData(data, cpu), 32, "none")
+
+    def stops_after_two(engine, e, g):
+        return {"stopped": True} if e == 2 else epoch(engine, e, g)
+
+    engine = _engine(data, cpu, tmp_path, None)
+    engine.fit(stops_after_two)
+    assert [r["epoch"] for r in engine.history] == [1, 2, 3] and engine.history[-1]["stopped"]
+    steps = engine.step_count
+    again = _engine(data, cpu, tmp_path, None)
+    again.fit(epoch)                       # the checkpoint says the stage is finished
+    assert again.step_count == steps and len(again.history) == 3
+
+
 def test_lr_schedules():
     cos = OptimConfig(lr=1.0, schedule="cosine")
     assert lr_at(cos, 0, 10) == 1.0 and abs(lr_at(cos, 5, 10) - 0.5) < 1e-9 and lr_at(cos, 10, 10) < 1e-9

@@ -236,9 +236,13 @@ class Engine:
                 record.update(self.on_epoch_end(self.eval_model, epoch) or {})
                 self.model.train()
             self.history.append(record)
-            self.epoch = epoch + 1
+            # an epoch_fn that reports {"stopped": True} ends the stage (e.g. unlearning that
+            # has reached its goal); the checkpoint then marks the stage as finished
+            self.epoch = self.epochs if extra.get("stopped") else epoch + 1
             self._log(record)
             self._save()
+            if extra.get("stopped"):
+                break
         return self.eval_model
 
     def _log(self, record: dict) -> None:
