@@ -64,8 +64,17 @@ def test_scan_ranks_writes_a_grid_and_summarises(tmp_path, capsys):
     summary = json.loads((out / "scan.json").read_text())
     assert summary["n_flagged"] == 5 and summary["detector"]["name"] == "spectral"
     assert "resized" in summary["resize_policy"]
+    # the suspected target class gets its own picture exactly when the flags concentrate
+    assert (out / "suspects_in_class.png").exists() == (summary["concentrated_in"] is not None)
     printed = capsys.readouterr().out
     assert "flagged 5 of 48 images" in printed and "by class:" in printed
+
+
+def test_suspect_order_can_keep_to_one_label():
+    scores = torch.tensor([9.0, 8.0, 1.0, 7.0, 2.0, 3.0])
+    labels = torch.tensor([1, 1, 0, 1, 0, 0])
+    assert wf.suspect_order(scores, labels, 4) == [0, 1, 3, 5]
+    assert wf.suspect_order(scores, labels, 2, label=0) == [5, 4]
 
 
 def test_flag_summary_names_the_class_the_flags_concentrate_in():

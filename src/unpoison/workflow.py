@@ -508,21 +508,31 @@ def summary_lines(summary: dict[str, Any], limit: int = 5) -> list[str]:
             f"of the class)" for c in shown))
     if summary["concentrated_in"] is not None:
         lines.append(f"the flagged images concentrate in class {summary['concentrated_in']!r}: this is what a "
-                     "backdoor's target class looks like; inspect suspects.png and suspects.csv")
+                     "backdoor's target class looks like; inspect suspects.csv, suspects.png and "
+                     "suspects_in_class.png (that class's most suspicious images)")
     elif summary["n_flagged"]:
         lines.append("the flagged images are spread over the classes: no single target class stands out")
     return lines
 
 
+def suspect_order(scores: torch.Tensor, labels: torch.Tensor, count: int, label: int | None = None) -> list[int]:
+    """Indices of the `count` most suspicious images (of those given `label`, if set)."""
+    order = ranking(scores)
+    if label is not None:
+        order = order[labels[order] == label]
+    return order[:count].tolist()
+
+
 def save_suspect_grid(path: Path, data: ImageSet, scores: torch.Tensor, flagged: torch.Tensor | None,
-                      count: int = 64, columns: int = 8) -> None:
-    """A PNG of the `count` most suspicious images, each titled with rank, label, score."""
+                      count: int = 64, columns: int = 8, only_label: int | None = None) -> None:
+    """A PNG of the `count` most suspicious images, each titled with rank, label, score;
+    with `only_label`, of the most suspicious images given that label only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    order = ranking(scores)[:count].tolist()
+    order = suspect_order(scores, data.labels, count, only_label)
     rows = max(1, -(-len(order) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.85), squeeze=False)
     for ax in axes.flat:
@@ -533,7 +543,8 @@ def save_suspect_grid(path: Path, data: ImageSet, scores: torch.Tensor, flagged:
         label = _short(data.classes[int(data.labels[i])], 16)
         # parse_math=False: a class folder named "$\\foo" must not reach the mathtext parser
         ax.set_title(f"{rank}{mark} {label}\n{float(scores[i]):.3g}", fontsize=7, parse_math=False)
-    fig.suptitle("most suspicious first (* = flagged); label and score", fontsize=9)
+    within = "" if only_label is None else f" among the images labelled {_short(data.classes[only_label], 24)!r}"
+    fig.suptitle(f"most suspicious first{within} (* = flagged); label and score", fontsize=9, parse_math=False)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # missing glyphs for exotic class names

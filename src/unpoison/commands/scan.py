@@ -77,6 +77,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
     wf.write_suspects(out / "suspects.csv", data, scores, flagged)
     wf.save_suspect_grid(out / "suspects.png", data, scores, flagged, args.top)
     summary = wf.flag_summary(data, flagged)
+    pictures = ["suspects.png"]
+    if summary["concentrated_in"] is not None:
+        # a detector's very top can be clean outliers of every class (FCT on BadNets: the
+        # first poisoned image at rank 52); the suspected target class's own top is clearer
+        wf.save_suspect_grid(out / "suspects_in_class.png", data, scores, flagged, args.top,
+                             only_label=data.classes.index(summary["concentrated_in"]))
+        pictures.append("suspects_in_class.png")
     record = {
         "command": "scan", "data": str(data_path) + (f"/{split}" if split else ""), "detector": detector.describe(),
         "profile": args.profile, "profile_note": profile.note, "model": args.model, "seed": args.seed,
@@ -88,6 +95,6 @@ def cmd_scan(args: argparse.Namespace) -> int:
     for line in wf.summary_lines(summary):
         print(line)
     print(f"flagging rule: {rule}")
-    print(f"wrote {out}/suspects.csv, {out}/suspects.png, {out}/scan.json")
+    print(f"wrote {out}/suspects.csv, " + ", ".join(f"{out}/{p}" for p in pictures) + f", {out}/scan.json")
     return 0
 
