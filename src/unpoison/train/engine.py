@@ -70,7 +70,7 @@ def lr_at(cfg: OptimConfig, progress: float, total_epochs: float) -> float:
         base = cfg.lr * cfg.gamma ** sum(progress >= m for m in cfg.milestones)
     else:
         raise ValueError(f"unknown schedule {cfg.schedule!r}")
-    if 0 < cfg.warmup_epochs and progress < cfg.warmup_epochs:
+    if progress < cfg.warmup_epochs:
         base *= cfg.warmup_start + (1 - cfg.warmup_start) * progress / cfg.warmup_epochs
     return base
 

@@ -8,7 +8,7 @@ takes CIFAR-10 accuracy to 10 %). Two ways to bound it, both looking at the susp
 set only (never at test data):
   early_stop  before each epoch, measure the model's accuracy on the suspected set
               against its given labels; once it is at or below chance (1/C) the set is
-              unlearned and the remaining epochs take no steps;
+              unlearned and the stage ends (the Engine stops at an epoch marked `stopped`);
   loss_bound  each sample's loss is clipped at the bound, so a sample that is already
               misclassified with loss above the bound contributes no gradient.
 """
