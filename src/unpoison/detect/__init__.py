@@ -10,6 +10,7 @@ from .base import Detection, Detector
 DETECTORS = Registry("detector", __name__, {
     "fct": "fct:FCT",
     "entropy": "entropy:EntropyDetector",
+    "expand": "expand:SeedExpansion",
     "loss": "loss:LossDetector",
     "spectral": "spectral:SpectralSignature",
 })
