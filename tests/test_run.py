@@ -53,3 +53,13 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert resumed["curves"] == reference["curves"]
     before_kill = [json.loads(line)["elapsed"] for line in (tmp_path / "b" / "monitor.jsonl").read_text().splitlines()]
     assert resumed["wall_seconds"] >= before_kill[1]
+
+
+@requires_cifar
+def test_detection_only_run_records_the_detectors_scores(tmp_path):
+    # `run --detector` once passed its notes where DefenseResult now keeps `trusted` (a crash)
+    metrics = run(RunConfig(out=str(tmp_path / "d"), profile="smoke", attack="badnets", detector="expand",
+                            data_root=str(data_root()), device="cpu", progress=False, share_models=False,
+                            report=False))
+    assert metrics["detector"] == "expand" and 0 <= metrics["detection"]["auroc"] <= 1
+    assert [s["name"] for s in metrics["stages"]] == ["SL"] and "detection-only" in metrics["notes"][0]

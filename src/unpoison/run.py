@@ -249,7 +249,7 @@ def detect(detector, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
     if found.model is None:
         raise ValueError(f"detector {detector.name!r} has no model of its own to measure")
     note = f"detection-only run ({detector.name}): clean_acc/asr/robust_acc are of the detector's own model"
-    return DefenseResult(found.model, found.scores, found.flagged, found.stages, [note])
+    return DefenseResult(found.model, suspicion=found.scores, flagged=found.flagged, stages=found.stages, notes=[note])
 
 
 def _digest(data: ImageSet) -> str:
