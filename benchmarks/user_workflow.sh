@@ -23,7 +23,7 @@ fi
 
 case "$stage" in
   scan)
-    # FCT (the default detector), quick profile; the flagged set is the top 10 % of the ranking
+    # the default detector (expand), quick profile; the flagged set is the top 10 % of the ranking
     time $U scan --data "$root/poisoned" --out "$root/scan" --profile quick --flag-fraction 0.1 \
       --no-progress ${SCAN_ARGS:-}
     measure recall --poisoned "$root/poisoned" --suspects "$root/scan/suspects.csv" --json "$root/scan-recall.json"

@@ -10,7 +10,7 @@ from toy_backdoor import tiny_backdoor, train_toy_backdoored
 from unpoison.defenses import build_defense
 from unpoison.defenses.base import DefenseContext
 from unpoison.defenses.dbr import DBRConfig, repair, unlearn_relearn
-from unpoison.detect.fct import SampleSplit
+from unpoison.detect.fct import SampleSplit, SDConfig
 from unpoison.metrics import backdoor_metrics
 from unpoison.runtime import Runtime
 from unpoison.train import Engine, OptimConfig, predict
@@ -114,3 +114,18 @@ def test_modes_are_validated():
     with pytest.raises(ValueError, match="mode"):
         build_defense("dbr", "smoke", mode="sideways")
     assert build_defense("dbr", "smoke", mode="unlearn").config.mode == "unlearn"
+
+
+def test_repair_with_the_expand_scorer_and_a_per_class_trusted_set(backdoor, tmp_path):
+    poisoned, attack, test, model = backdoor
+    config = replace(DBRConfig.for_profile("smoke"), augment="none",
+                     sd=replace(SDConfig.for_profile("smoke"), scorer="expand", clean_per_class=True))
+    result = repair(model, poisoned.untrusted(), _ctx(tmp_path), config)
+    assert [s["name"] for s in result.stages] == ["SL", "unlearn_relearn"]
+    precision = float((result.flagged & poisoned.is_poison).sum()) / int(result.flagged.sum())
+    assert precision >= 0.8
+    labels = poisoned.train.labels
+    for y in labels.unique():   # the trusted set holds alpha_c of every class
+        assert int((result.trusted & (labels == y)).sum()) == int(0.2 * int((labels == y).sum()))
+    with pytest.raises(ValueError, match="scorer"):
+        SDConfig(scorer="psychic")

@@ -96,3 +96,17 @@ def test_detector_runs_the_sd_module_end_to_end(cpu, tmp_path):
     assert found.info == {"n_clean": 64, "n_poisoned": 25, "n_uncertain": 167}
     assert [s["name"] for s in found.stages] == ["sd_model", "fct"]
     assert found.model is not None and detector.describe()["transform"] == "rotate_translate"
+
+
+def test_per_class_clean_split_takes_the_lowest_of_every_class():
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(400) % 4
+    scores = torch.rand(400, generator=g) + (labels == 0).float() * 10   # class 0 scores far higher
+    clean, poisoned = split_by_rank(scores, 0.2, 0.05)
+    assert not (clean & (labels == 0)).any()          # overall: no class-0 sample is trusted
+    clean, poisoned = split_by_rank(scores, 0.2, 0.05, labels)
+    assert int(poisoned.sum()) == 20 and not (clean & poisoned).any()
+    for y in range(4):
+        members = labels == y
+        assert int((clean & members).sum()) == 20
+        assert scores[clean & members].max() <= scores[members & ~clean & ~poisoned].min()

@@ -21,7 +21,8 @@ def register(sub) -> None:
                                    "a directory or a .tar.gz) and rank every image by how likely it is poisoned.")
     p.add_argument("--data", required=True, help="ImageFolder directory or archive (a train/ inside is used)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--detector", default="fct", help="fct (default), expand, entropy, loss or spectral")
+    p.add_argument("--detector", default="expand",
+                   help="expand (default: entropy seeds expanded by feature similarity), fct, entropy, loss or spectral")
     p.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
     p.add_argument("--model", default="wrn16-1", help="architecture the detector trains (default: wrn16-1)")
     p.add_argument("--seed", type=int, default=0)
