@@ -70,6 +70,15 @@ def test_scan_ranks_writes_a_grid_and_summarises(tmp_path, capsys):
     assert "flagged 5 of 48 images" in printed and "by class:" in printed
 
 
+def test_scan_defaults_to_expand_and_flags_ten_percent(tmp_path):
+    data = make_folder(tmp_path / "data", per_class=16, poison=4)
+    out = tmp_path / "scan"
+    assert unpoison("scan", "--data", data, "--out", out, *SMOKE) == 0
+    summary = json.loads((out / "scan.json").read_text())
+    assert summary["detector"]["name"] == "expand" and summary["detector"]["neighbours"] == 10
+    assert summary["n_flagged"] == 5 and "10%" in summary["flagging_rule"]
+
+
 def test_suspect_order_can_keep_to_one_label():
     scores = torch.tensor([9.0, 8.0, 1.0, 7.0, 2.0, 3.0])
     labels = torch.tensor([1, 1, 0, 1, 0, 0])
