@@ -65,6 +65,8 @@ def main() -> None:
     batch, steps_per_epoch = 128, math.ceil(len(data) / 128)
     total = args.epochs * steps_per_epoch
     checks = {int(s) for s in args.steps.split(",") if s} or {e * steps_per_epoch for e in range(1, args.epochs + 1)}
+    # a bare loop rather than the Engine: the point is to score at arbitrary steps inside an
+    # epoch, and the Engine's hooks fire at epoch ends only
     order = torch.Generator().manual_seed(args.seed)
     step, start = 0, time.time()
     for _ in range(args.epochs):

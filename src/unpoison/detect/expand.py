@@ -56,8 +56,9 @@ def seed_similarity(features: torch.Tensor, seeds: torch.Tensor, k: int, chunk: 
     for start in range(0, len(z), chunk):   # chunks keep memory at chunk x |S| for any n
         rows = torch.arange(start, min(start + chunk, len(z)))
         sims = z[rows] @ anchors.T
-        own = position[rows]
-        sims[(own >= 0).nonzero().flatten(), own[own >= 0]] = -2.0   # below any cosine
+        own = position[rows]           # a row's column among the seeds, -1 if not a seed
+        is_seed = own >= 0
+        sims[is_seed.nonzero().flatten(), own[is_seed]] = -2.0   # below any cosine
         scores[rows] = sims.topk(k, dim=1).values.mean(dim=1)
     return scores
 
