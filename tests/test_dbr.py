@@ -1,4 +1,5 @@
 import copy
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from toy_backdoor import tiny_backdoor, train_toy_backdoored
 from unpoison.defenses import build_defense
 from unpoison.defenses.base import DefenseContext
-from unpoison.defenses.dbr import DBRConfig, repair, unlearn_relearn
+from unpoison.defenses.dbr import DBRConfig, repair, unlearn_relearn, unlearning_loss
 from unpoison.detect.fct import SampleSplit, SDConfig
 from unpoison.metrics import backdoor_metrics
 from unpoison.runtime import Runtime
@@ -38,16 +39,20 @@ def _split(n: int, poisoned: torch.Tensor, clean: torch.Tensor) -> SampleSplit:
     return SampleSplit(torch.zeros(n), clean, poisoned)
 
 
-def test_unlearning_pass_raises_the_suspected_set_loss(backdoor, tmp_path):
+# ours (running BN statistics, complement loss, clipped at chance) and the official loop
+@pytest.mark.parametrize("ascent_bn,bound,loss,epochs", [("running", "chance", "complement", 10), ("batch", "none", "ce", 1)])
+def test_unlearning_pass_raises_the_suspected_set_loss(backdoor, tmp_path, ascent_bn, bound, loss, epochs):
     poisoned, _, _, model = backdoor
     data = poisoned.untrusted()
     suspected = poisoned.is_poison
     trusted = ~poisoned.is_poison & (torch.arange(len(data)) % 4 == 0)
-    cfg = DBRConfig(epochs=1, batch_size=32, mode="unlearn", augment="none",
+    cfg = DBRConfig(epochs=epochs, batch_size=32, mode="unlearn", augment="none", ascent_bn=ascent_bn, unlearn_bound=bound,
+                    unlearn_loss=loss,
                     optim=OptimConfig(lr=0.05, momentum=0.9, nesterov=False, schedule="constant"))
     before = _loss(model, data.subset(suspected))
     after_model = unlearn_relearn(copy.deepcopy(model).requires_grad_(True), data, _split(len(data), suspected, trusted),
                                   _ctx(tmp_path), cfg)
+    # measured in eval mode, as the model is used
     assert _loss(after_model, data.subset(suspected)) > before + 0.2
     # relearning alone lowers (or keeps) the trusted loss
     cfg_relearn = DBRConfig(epochs=1, batch_size=32, mode="relearn", augment="none", optim=cfg.optim)
@@ -94,10 +99,8 @@ def test_br_with_a_precise_split_removes_the_backdoor_and_keeps_clean_accuracy(b
 
 
 def test_repair_runs_sd_then_br_and_leaves_the_input_model_untouched(backdoor, tmp_path):
-    """End to end on the toy set. Unlearning is unbounded gradient ascent, so on a 512-image
-    toy a few clean images in D_p can wreck clean accuracy (the paper's lr 1e-4 over 20 epochs
-    is what keeps it stable at full scale); this test checks the pipeline, the split's
-    precision and that the input is not modified, and the test above checks BR's effect."""
+    """End to end on the toy set: the pipeline, the split's precision and that the input is
+    not modified (the test above checks BR's effect)."""
     poisoned, attack, test, model = backdoor
     before = backdoor_metrics(model, test, attack, CPU)
     config = replace(DBRConfig.for_profile("smoke"), augment="none")
@@ -114,6 +117,38 @@ def test_modes_are_validated():
     with pytest.raises(ValueError, match="mode"):
         build_defense("dbr", "smoke", mode="sideways")
     assert build_defense("dbr", "smoke", mode="unlearn").config.mode == "unlearn"
+    with pytest.raises(ValueError, match="ascent_bn"):
+        build_defense("dbr", "smoke", ascent_bn="sometimes")
+    with pytest.raises(ValueError, match="unlearn_bound"):
+        build_defense("dbr", "smoke", unlearn_bound="lots")
+    with pytest.raises(ValueError, match="unlearn_loss"):
+        build_defense("dbr", "smoke", unlearn_loss="hinge")
+    assert build_defense("dbr", "smoke", unlearn_bound="1.5").config.bound(10) == 1.5
+    official = DBRConfig.official()
+    assert (official.ascent_bn, official.bound(10), official.unlearn_loss) == ("batch", None, "ce")
+    assert DBRConfig().bound(10) == pytest.approx(math.log(10))
+
+
+def test_complement_loss_keeps_a_gradient_where_ce_ascent_vanishes():
+    """On a sample fitted with p_y ~ 1, -CE has a gradient ~ 1 - p_y (nothing to push); the
+    complement loss -log(1 - p_y) still pushes the label's logit down at O(1)."""
+    logits = torch.tensor([[12.0, 0.0, 0.0]], requires_grad=True)
+    label = torch.tensor([0])
+    grads = {}
+    for kind in ("ce", "complement"):
+        logits.grad = None
+        unlearning_loss(logits, label, kind, bound=None).backward()
+        grads[kind] = logits.grad[0, 0].item()
+    assert 0 < grads["ce"] < 1e-4          # minimising -CE lowers the logit, but barely
+    assert grads["complement"] > 0.5
+
+
+@pytest.mark.parametrize("kind", ["ce", "complement"])
+def test_samples_past_the_bound_give_no_gradient(kind):
+    logits = torch.tensor([[5.0, 0.0], [-5.0, 0.0]], requires_grad=True)   # fitted, unfitted
+    unlearning_loss(logits, torch.tensor([0, 0]), kind, bound=math.log(2)).backward()
+    assert logits.grad[0].abs().sum() > 0
+    assert logits.grad[1].abs().sum() == 0
 
 
 def test_repair_with_the_expand_scorer_and_a_per_class_trusted_set(backdoor, tmp_path):
@@ -129,3 +164,18 @@ def test_repair_with_the_expand_scorer_and_a_per_class_trusted_set(backdoor, tmp
         assert int((result.trusted & (labels == y)).sum()) == int(0.2 * int((labels == y).sum()))
     with pytest.raises(ValueError, match="scorer"):
         SDConfig(scorer="psychic")
+
+
+@pytest.mark.parametrize("ascent_bn,changes", [("running", False), ("batch", True)])
+def test_ascent_pass_with_running_statistics_leaves_them_untouched(backdoor, tmp_path, ascent_bn, changes):
+    """With running statistics the triggered batches are normalised as at test time and do
+    not overwrite the statistics the clean data produced; the official loop updates them."""
+    poisoned, _, _, model = backdoor
+    n = len(poisoned.is_poison)
+    split = _split(n, poisoned.is_poison, ~poisoned.is_poison)
+    config = replace(DBRConfig.for_profile("smoke"), epochs=1, mode="unlearn", augment="none", ascent_bn=ascent_bn)
+    before = [m.running_mean.clone() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    after_model = unlearn_relearn(copy.deepcopy(model).requires_grad_(True), poisoned.untrusted(), split,
+                                  _ctx(tmp_path), config)
+    after = [m.running_mean for m in after_model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert before and any(not torch.equal(a, b) for a, b in zip(before, after)) == changes
