@@ -308,6 +308,15 @@ def test_repair_with_dbr_flags_and_writes_suspects(tmp_path):
     rows = read_csv(out / "suspects.csv")[1:]
     assert len(rows) == 32 and any(r[3] == "1" for r in rows)  # 36 minus 4 held out
     assert (out / "suspects.png").exists() and (out / "report.html").exists()
+    # the user path splits like `scan` (expand, trusted images from every class) ...
+    sd = json.loads((out / "repair.json").read_text())["defense_config"]["sd"]
+    assert (sd["scorer"], sd["clean_per_class"]) == ("expand", True)
+    # ... and --set gives back the paper's SD module
+    out_fct = tmp_path / "repaired-fct"
+    assert unpoison("repair", "--model", model_path, "--data", data, "--out", out_fct, *SMOKE,
+                    "--set", "sd.scorer=fct", "--set", "sd.clean_per_class=false") == 0
+    sd = json.loads((out_fct / "repair.json").read_text())["defense_config"]["sd"]
+    assert (sd["scorer"], sd["clean_per_class"]) == ("fct", False)
 
 
 def test_repair_refuses_a_folder_whose_classes_the_model_does_not_know(tmp_path):

@@ -1,8 +1,8 @@
 """`unpoison repair`: remove a backdoor from a model the user brings, with D-BR.
 
-D-BR (Chen et al. 2022) splits the untrusted training data by FCT into suspected-poisoned
-and trusted-clean images, then alternates unlearning the first with relearning the
-second. The model must be an unpoison model.pt (read with weights_only=True); the data is
+D-BR (Chen et al. 2022) splits the untrusted training data into suspected-poisoned and
+trusted-clean images (here by the `expand` detector, `scan`'s default; the paper's FCT with
+`--set sd.scorer=fct`), then alternates unlearning the first with relearning the second. The model must be an unpoison model.pt (read with weights_only=True); the data is
 the ImageFolder it was trained on (or one like it), with the model's class names.
 Writes OUT/model.pt, OUT/suspects.csv, OUT/report.html, OUT/repair.json.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 from ..cli import _key_values, add_runtime_options
 from .train import add_held_out_options, write_run_report
@@ -73,7 +74,13 @@ def cmd_repair(args: argparse.Namespace) -> int:
     params = _key_values(args.defense_set)
     if args.epochs is not None:
         params[dbr_class.main_epochs] = args.epochs
-    config = apply_overrides(dbr_class.Config.for_profile(args.profile), params)
+    config = dbr_class.Config.for_profile(args.profile)
+    if hasattr(config, "sd"):
+        # The user path splits by the detector `scan` uses (FCT ranks a noise blend backwards)
+        # and trusts 20 % of every class; `--set sd.scorer=fct --set sd.clean_per_class=false`
+        # is the paper's SD module.
+        config = replace(config, sd=replace(config.sd, scorer="expand", clean_per_class=True))
+    config = apply_overrides(config, params)
     profile = get_profile(args.profile)
     runtime = Runtime.create(args.device, args.precision, compile=args.compile)
     model, info = load_user_model(Path(args.model).expanduser(), runtime)
