@@ -179,3 +179,30 @@ def test_ascent_pass_with_running_statistics_leaves_them_untouched(backdoor, tmp
                                   _ctx(tmp_path), config)
     after = [m.running_mean for m in after_model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert before and any(not torch.equal(a, b) for a, b in zip(before, after)) == changes
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_loop_ends_once_the_suspected_set_is_unlearned(backdoor, tmp_path, monkeypatch, stop):
+    poisoned, _, _, model = backdoor
+    engines = []
+    original = Engine.fit
+    monkeypatch.setattr(Engine, "fit", lambda self, fn: engines.append(self) or original(self, fn))
+    n = len(poisoned.is_poison)
+    suspected = torch.zeros(n, dtype=torch.bool)
+    suspected[torch.nonzero(poisoned.is_poison).flatten()[:25]] = True
+    trusted = ~poisoned.is_poison & (torch.arange(n) % 5 == 0)
+    config = replace(DBRConfig.for_profile("smoke"), augment="none", stop_when_unlearned=stop, epochs=20)
+    unlearn_relearn(copy.deepcopy(model).requires_grad_(True), poisoned.untrusted(), _split(n, suspected, trusted),
+                    _ctx(tmp_path), config)
+    history = engines[0].history
+    if stop:   # ends at the first epoch whose suspected set is at chance with the trusted set refitted
+        chance = 1.0 / poisoned.train.num_classes
+        trusted_before = float((predict(model, poisoned.untrusted().subset(trusted).images, CPU).argmax(1)
+                                == poisoned.untrusted().subset(trusted).labels).float().mean())
+
+        def done(h):
+            return h["suspected_acc"] <= chance and h["trusted_acc"] >= trusted_before - 0.01
+        assert len(history) < config.epochs and done(history[-1])
+        assert not any(done(h) for h in history[:-1])
+    else:
+        assert len(history) == config.epochs and "suspected_acc" not in history[-1]
