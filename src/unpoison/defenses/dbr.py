@@ -59,9 +59,10 @@ UNLEARN_LOSSES = ("ce", "complement")
 
 @dataclass
 class DBRConfig:
-    """D-BR. paper = the official code's schedule (20 alternating epochs at lr 1e-4), with
-    our two ascent settings (`official()` restores the official loop). quick: the same, the SD
-    module on the run's model (WRN-16-1). smoke: 10 epochs at lr 1e-3, batch 32."""
+    """D-BR. paper = the official code's schedule (up to 20 alternating epochs at lr 1e-4)
+    with our changes to the ascent and the stop rule (module doc; `official()` restores the
+    official loop). quick: the same, the SD module on the run's model (WRN-16-1).
+    smoke: 10 epochs at lr 1e-3, batch 32."""
 
     sd: SDConfig = field(default_factory=SDConfig)
     epochs: int = 20
