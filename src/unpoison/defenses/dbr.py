@@ -47,7 +47,7 @@ from ..detect.fct import SampleSplit, SDConfig, sample_distinguishment
 from ..profiles import get_profile
 from ..train.engine import Engine, OptimConfig
 from ..train.supervised import DeviceData
-from ..train.unlearn import suspected_accuracy
+from ..train.unlearn import set_batchnorm_mode, suspected_accuracy
 from .base import Defense, DefenseContext, DefenseResult, StageTimer
 from .none import train_standard
 
@@ -125,12 +125,6 @@ class DBRConfig:
             return cls(sd=sd, epochs=10, batch_size=32,
                        optim=OptimConfig(lr=1e-3, momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="constant"))
         raise ValueError(f"unknown profile {profile!r}")
-
-
-def set_batchnorm_mode(model: nn.Module, train: bool) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.train(train)
 
 
 def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, bound: float | None) -> torch.Tensor:

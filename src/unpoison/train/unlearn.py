@@ -45,6 +45,14 @@ class UnlearnConfig:
     freeze_bn: bool = False
 
 
+def set_batchnorm_mode(model: nn.Module, train: bool) -> None:
+    """Switch only the BatchNorm layers: eval = normalise with the running statistics (and
+    leave them untouched), train = normalise with the batch's own and update them."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train(train)
+
+
 @torch.no_grad()
 def suspected_accuracy(model: nn.Module, data: DeviceData) -> float:
     """Accuracy against the given labels, eval mode, un-augmented images."""
@@ -63,9 +71,7 @@ def ascent_epoch(data: DeviceData, cfg: UnlearnConfig, num_classes: int):
                 return {**extra, "stopped": True}
             engine.model.train()
         if cfg.freeze_bn:
-            for module in engine.model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            set_batchnorm_mode(engine.model, train=False)
         active = []
 
         def loss_fn(index: torch.Tensor) -> torch.Tensor:
