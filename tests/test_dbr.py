@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from toy_backdoor import tiny_backdoor, train_toy_backdoored
 from unpoison.defenses import build_defense
 from unpoison.defenses.base import DefenseContext
-from unpoison.defenses.dbr import DBRConfig, repair, unlearn_relearn, unlearning_loss
+from unpoison.defenses.dbr import DBRConfig, repair, stop_reason, unlearn_relearn, unlearning_loss
 from unpoison.detect.fct import SampleSplit, SDConfig
 from unpoison.metrics import backdoor_metrics
 from unpoison.runtime import Runtime
@@ -191,7 +191,8 @@ def test_loop_ends_once_the_suspected_set_is_unlearned(backdoor, tmp_path, monke
     suspected = torch.zeros(n, dtype=torch.bool)
     suspected[torch.nonzero(poisoned.is_poison).flatten()[:25]] = True
     trusted = ~poisoned.is_poison & (torch.arange(n) % 5 == 0)
-    config = replace(DBRConfig.for_profile("smoke"), augment="none", stop_when_unlearned=stop, epochs=20)
+    config = replace(DBRConfig.for_profile("smoke"), augment="none", stop_when_unlearned=stop, stall_epochs=0,
+                     epochs=20)
     unlearn_relearn(copy.deepcopy(model).requires_grad_(True), poisoned.untrusted(), _split(n, suspected, trusted),
                     _ctx(tmp_path), config)
     history = engines[0].history
@@ -206,3 +207,49 @@ def test_loop_ends_once_the_suspected_set_is_unlearned(backdoor, tmp_path, monke
         assert not any(done(h) for h in history[:-1])
     else:
         assert len(history) == config.epochs and "suspected_acc" not in history[-1]
+
+
+def test_stop_reason_tells_unlearned_from_stalled():
+    cfg = DBRConfig.for_profile("quick")            # stall: < 0.01 down over 2 epochs
+    # a backdoor the split holds: one epoch of no change is not a stall, the next unlearns it
+    assert stop_reason([1.0, 1.0], 0.8, 0.8, cfg, 10) is None
+    assert stop_reason([1.0, 1.0, 0.0], 0.8, 0.8, cfg, 10) == "unlearned"
+    # at chance but the trusted set not yet refitted: go on, even with no change
+    assert stop_reason([1.0, 0.05, 0.05, 0.05], 0.7, 0.8, cfg, 10) is None
+    # clean images the split suspected (clean data): relearning holds them up
+    assert stop_reason([0.95, 0.938, 0.936], 0.79, 0.8, cfg, 10) is None     # 0.014 in 2 epochs
+    assert stop_reason([0.95, 0.938, 0.936, 0.934], 0.79, 0.8, cfg, 10) == "stalled"
+    # still falling fast enough
+    assert stop_reason([0.99, 0.78, 0.25, 0.14, 0.126], 0.8, 0.8, cfg, 10) is None
+    assert stop_reason([0.95, 0.938, 0.936, 0.934], 0.79, 0.8, replace(cfg, stall_epochs=0), 10) is None
+    assert stop_reason([1.0, 0.05], 0.8, 0.8, replace(cfg, stop_when_unlearned=False), 10) is None
+
+
+@pytest.mark.parametrize("stall_epochs", [2, 0])
+def test_loop_ends_when_unlearning_stalls_on_clean_suspects(backdoor, tmp_path, monkeypatch, stall_epochs):
+    """Clean images as the suspected set (what SD flags on clean data): the loop ends at the
+    first epoch whose accuracy fell < stall_delta over stall_epochs epochs, never before."""
+    poisoned, _, _, model = backdoor
+    engines = []
+    original = Engine.fit
+    monkeypatch.setattr(Engine, "fit", lambda self, fn: engines.append(self) or original(self, fn))
+    n = len(poisoned.is_poison)
+    clean = torch.nonzero(~poisoned.is_poison).flatten()
+    suspected = torch.zeros(n, dtype=torch.bool)
+    suspected[clean[:25]] = True
+    trusted = torch.zeros(n, dtype=torch.bool)
+    trusted[clean[25:]] = True      # every other clean image: relearning refits the suspects
+    config = replace(DBRConfig.for_profile("smoke"), augment="none", stall_epochs=stall_epochs, stall_delta=0.05,
+                     stop_when_unlearned=False, epochs=12)
+    data = poisoned.untrusted()
+    before = float((predict(model, data.subset(suspected).images, CPU).argmax(1)
+                    == data.subset(suspected).labels).float().mean())
+    unlearn_relearn(copy.deepcopy(model).requires_grad_(True), data, _split(n, suspected, trusted),
+                    _ctx(tmp_path), config)
+    if not stall_epochs:
+        assert len(engines[0].history) == config.epochs
+        return
+    accs = [before] + [h["suspected_acc"] for h in engines[0].history]
+    reasons = [stop_reason(accs[:i + 1], 1.0, 1.0, config, data.num_classes) for i in range(1, len(accs))]
+    assert len(accs) - 1 < config.epochs and engines[0].history[-1]["stop_reason"] == "stalled"
+    assert reasons[-1] == "stalled" and not any(reasons[:-1])

@@ -247,7 +247,8 @@ def test_multi_stage_defence_killed_in_a_later_stage_resumes_identically(tmp_pat
     data = make_folder(tmp_path / "data", per_class=12, poison=2)
     # D-BR: the baseline, the SD model, then the unlearn/relearn loop (an unlearn and a
     # relearn step per epoch): its 4th step is mid-epoch, after both earlier stages finished
-    # (all epochs: on this folder the stop rule may end the loop after the first)
+    # (the unlearned rule off: on this folder it may end the loop after the first epoch; the
+    # stall rule stays on, and its decision after epoch 2 reads epoch 1 from the checkpoint)
     _reference_and_killed(tmp_path, monkeypatch, data, ("--defense", "dbr", "--set", "stop_when_unlearned=false"),
                           "dbr", 4)
     _assert_same_outputs(tmp_path / "a", tmp_path / "b")

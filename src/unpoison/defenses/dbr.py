@@ -22,6 +22,14 @@
        - `stop_when_unlearned`: the loop ends after the first epoch where the suspected set
          is at chance and the trusted set is fitted as well as before the repair (both
          training data); the remaining epochs only relearn the trusted 20 % and cost CA.
+       - `stall_epochs`: the loop also ends once the suspected set's accuracy has fallen by
+         less than `stall_delta` over the last `stall_epochs` epochs while still above chance.
+         What the ascent cannot push down while relearning holds it up is clean images the
+         split suspected (all of them on clean data) or a part of the poison the split
+         missed; more epochs trade clean accuracy for nothing. Measured (quick, CPU): on
+         clean data the suspected set went 0.938 -> 0.936 -> 0.934 over epochs 1-3 while CA
+         fell 3.4 points over the 20 epochs; a backdoor the split holds goes from ~1 to
+         chance within two epochs (Blended 1.00 -> 0.00, BadNets 0.78 -> 0.25 -> 0.14).
     3. The last epoch is the result (the official script picks the epoch with the best test
        CA - ASR, which needs the test labels and the trigger: that is model selection on
        the test set, so we do not).
@@ -85,6 +93,11 @@ class DBRConfig:
     # than chance and the trusted set is fitted as before the repair: more relearning on the
     # trusted 20 % only costs CA (ours; the official loop runs all `epochs`)
     stop_when_unlearned: bool = True
+    # end the loop once the suspected set's accuracy (still above chance) has fallen by less
+    # than `stall_delta` over the last `stall_epochs` epochs: unlearning has stalled on what
+    # relearning keeps fitted (ours; 0 = never, the official loop)
+    stall_epochs: int = 2
+    stall_delta: float = 0.01
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -93,6 +106,9 @@ class DBRConfig:
             raise ValueError(f"D-BR ascent_bn must be one of {', '.join(ASCENT_BN)}, got {self.ascent_bn!r}")
         if self.unlearn_loss not in UNLEARN_LOSSES:
             raise ValueError(f"D-BR unlearn_loss must be one of {', '.join(UNLEARN_LOSSES)}, got {self.unlearn_loss!r}")
+        if self.stall_epochs < 0 or not 0 <= self.stall_delta <= 1:
+            raise ValueError(f"D-BR stall_epochs must be >= 0 and stall_delta in [0, 1], got "
+                             f"{self.stall_epochs} and {self.stall_delta}")
         self.bound(10)  # fail now, not after the SD module, on a bad value
 
     def bound(self, num_classes: int) -> float | None:
@@ -114,7 +130,12 @@ class DBRConfig:
     def official(cls, profile: str = "paper") -> "DBRConfig":
         """The official code's BR loop: train-mode BN, unbounded ascent on -CE, all epochs."""
         return replace(cls.for_profile(profile), ascent_bn="batch", unlearn_bound="none", unlearn_loss="ce",
-                       stop_when_unlearned=False)
+                       stop_when_unlearned=False, stall_epochs=0)
+
+    @property
+    def measures_progress(self) -> bool:
+        """Whether the loop measures the suspected and trusted sets after each epoch."""
+        return self.mode != "relearn" and (self.stop_when_unlearned or self.stall_epochs > 0)
 
     @classmethod
     def for_profile(cls, profile: str) -> "DBRConfig":
@@ -143,12 +164,29 @@ def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, bound
     return per_sample.mean()
 
 
+def stop_reason(suspected_accs: list[float], trusted_acc: float, trusted_before: float, cfg: DBRConfig,
+                num_classes: int) -> str | None:
+    """Why the loop should end after this epoch, or None. `suspected_accs` is the suspected
+    set's accuracy before the repair and after each epoch so far (training data only).
+    "unlearned": at chance with the trusted set fitted as before the repair (less a point);
+    "stalled": above chance but down by less than `stall_delta` over `stall_epochs` epochs."""
+    chance = 1.0 / num_classes
+    now = suspected_accs[-1]
+    if now <= chance:
+        unlearned = cfg.stop_when_unlearned and trusted_acc >= trusted_before - TRUSTED_TOLERANCE
+        return "unlearned" if unlearned else None
+    if 0 < cfg.stall_epochs < len(suspected_accs) and suspected_accs[-1 - cfg.stall_epochs] - now < cfg.stall_delta:
+        return "stalled"
+    return None
+
+
 def unlearn_relearn_epoch(suspected: DeviceData, trusted: DeviceData, cfg: DBRConfig, num_classes: int,
-                          trusted_before: float = 0.0):
+                          trusted_before: float = 0.0, suspected_before: float = 1.0):
     """An epoch_fn: one ascent pass over the suspected set, then one descent pass over the
-    trusted set, on the same optimiser (the official loop). With `stop_when_unlearned` it
-    ends the loop once the suspected set is at chance and the trusted set is fitted as well
-    as before the repair (`trusted_before`, less a point): both measured on training data."""
+    trusted set, on the same optimiser (the official loop). With the stop rules on it
+    measures both sets after the epoch and ends the loop as `stop_reason` says; the
+    accuracies before the repair are `suspected_before` and `trusted_before`, and earlier
+    epochs' come from the engine's history (kept in its checkpoint, so resume is exact)."""
     bound = cfg.bound(num_classes)
 
     def epoch_fn(engine: Engine, epoch: int, g: torch.Generator) -> dict:
@@ -171,13 +209,16 @@ def unlearn_relearn_epoch(suspected: DeviceData, trusted: DeviceData, cfg: DBRCo
             out["unlearn_loss"] = sum(suspected_ce) / len(suspected_ce)   # the suspected set's CE
         if cfg.mode in ("alternate", "relearn"):
             out["relearn_loss"] = engine.run_pass(batch_indices(len(trusted), cfg.batch_size, g), descent, "relearn")
-        if cfg.stop_when_unlearned and cfg.mode != "relearn":
+        if cfg.measures_progress:
             engine.model.eval()
             out["suspected_acc"] = round(suspected_accuracy(engine.model, suspected), 4)
             out["trusted_acc"] = round(suspected_accuracy(engine.model, trusted), 4)
             engine.model.train()
-            out["stopped"] = (out["suspected_acc"] <= 1.0 / num_classes
-                              and out["trusted_acc"] >= trusted_before - TRUSTED_TOLERANCE)
+            accs = [suspected_before] + [h["suspected_acc"] for h in engine.history] + [out["suspected_acc"]]
+            reason = stop_reason(accs, out["trusted_acc"], trusted_before, cfg, num_classes)
+            out["stopped"] = reason is not None
+            if reason:
+                out["stop_reason"] = reason
         return out
 
     return epoch_fn
@@ -193,10 +234,14 @@ def unlearn_relearn(model: nn.Module, data: ImageSet, split: SampleSplit, ctx: D
     engine = Engine(model, cfg.optim, ctx.runtime, name=name, epochs=cfg.epochs, steps_per_epoch=steps,
                     seed=ctx.seed, checkpoint_dir=ctx.checkpoints(), log_path=ctx.log_path,
                     on_epoch_end=ctx.epoch_hook(name), progress=ctx.progress)
-    # the input model's own fit of the trusted set: the ascent may cost some of it, and the
-    # loop does not stop before relearning has given it back
-    trusted_before = suspected_accuracy(model, trusted) if cfg.stop_when_unlearned else 0.0
-    return engine.fit(unlearn_relearn_epoch(suspected, trusted, cfg, data.num_classes, trusted_before)).eval()
+    # the input model's own fit of both sets: the ascent may cost some of the trusted set's,
+    # and the loop does not stop as unlearned before relearning has given it back
+    trusted_before = suspected_before = 0.0
+    if cfg.measures_progress:
+        trusted_before = suspected_accuracy(model, trusted)
+        suspected_before = round(suspected_accuracy(model, suspected), 4)
+    epoch_fn = unlearn_relearn_epoch(suspected, trusted, cfg, data.num_classes, trusted_before, suspected_before)
+    return engine.fit(epoch_fn).eval()
 
 
 def repair(model: nn.Module, data: ImageSet, ctx: DefenseContext, config: DBRConfig | None = None,
@@ -214,10 +259,17 @@ def repair(model: nn.Module, data: ImageSet, ctx: DefenseContext, config: DBRCon
     notes = [f"SD split: {int(split.clean.sum())} trusted clean, {int(split.poisoned.sum())} suspected poisoned, "
              f"{int(split.uncertain.sum())} uncertain; D-BR mode {config.mode}, ascent BN {config.ascent_bn}, "
              f"ascent loss {config.unlearn_loss} clipped at {config.unlearn_bound}; "
-             f"{'stops once the suspected set is at chance' if config.stop_when_unlearned else 'all epochs'}; "
+             f"{_stop_rules(config)}; "
              f"last epoch returned"]
     return DefenseResult(repaired, suspicion=split.scores, flagged=split.poisoned, trusted=split.clean,
                          stages=timer.records, notes=notes)
+
+
+def _stop_rules(config: DBRConfig) -> str:
+    rules = (["stops once the suspected set is at chance"] if config.stop_when_unlearned else []) + (
+        [f"stops once its accuracy falls < {config.stall_delta} in {config.stall_epochs} epochs"]
+        if config.stall_epochs else [])
+    return ", ".join(rules) if rules and config.mode != "relearn" else "all epochs"
 
 
 class DBR(Defense):
