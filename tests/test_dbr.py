@@ -209,29 +209,38 @@ def test_loop_ends_once_the_suspected_set_is_unlearned(backdoor, tmp_path, monke
         assert len(history) == config.epochs and "suspected_acc" not in history[-1]
 
 
-def test_stop_reason_tells_unlearned_from_stalled():
-    cfg = DBRConfig.for_profile("quick")            # stall: < 0.01 down over 2 epochs
+def test_stop_reason_tells_unlearned_from_stalled_and_eroding():
+    cfg = DBRConfig.for_profile("quick")            # stall_epochs 2, stall_delta 0.01
+
+    def reason(suspected, trusted, before=0.8, config=cfg):
+        return stop_reason(suspected, trusted, before, config)
     # a backdoor the split holds: one epoch of no change is not a stall, the next unlearns it
-    assert stop_reason([1.0, 1.0], 0.8, 0.8, cfg) is None
-    assert stop_reason([1.0, 1.0, 0.0], 0.8, 0.8, cfg) == "unlearned"
+    assert reason([1.0, 1.0], [0.8]) is None
+    assert reason([1.0, 1.0, 0.0], [0.8, 0.8]) == "unlearned"
     # unlearned but the trusted set not yet refitted: go on, even with no change
-    assert stop_reason([1.0, 0.0, 0.0, 0.0], 0.7, 0.8, cfg) is None
+    assert reason([1.0, 0.0, 0.0, 0.0], [0.7, 0.7, 0.7]) is None
     # at chance is not unlearned: a 10 % suspected set left ~10 % ASR
-    assert stop_reason([1.0, 0.3, 0.1], 0.8, 0.8, cfg) is None
+    assert reason([1.0, 0.3, 0.1], [0.8, 0.8]) is None
     # clean images the split suspected (clean data): relearning holds them up
-    assert stop_reason([0.95, 0.938, 0.936], 0.79, 0.8, cfg) is None     # 0.014 in 2 epochs
-    assert stop_reason([0.95, 0.938, 0.936, 0.934], 0.79, 0.8, cfg) == "stalled"
+    assert reason([0.95, 0.938, 0.936], [0.79, 0.79]) is None     # 0.014 in 2 epochs
+    assert reason([0.95, 0.938, 0.936, 0.934], [0.79, 0.79, 0.79]) == "stalled"
+    # ... or a stronger ascent unlearns them and the trusted set goes with them
+    assert reason([0.95, 0.936, 0.916, 0.878], [0.789, 0.783, 0.77]) == "eroding"
+    # the first epoch's ascent costs trusted accuracy that relearning then gives back
+    assert reason([0.99, 0.40, 0.09, 0.08], [0.67, 0.74, 0.77]) is None
     # still falling fast enough, then a residue the loop cannot push down
-    assert stop_reason([0.99, 0.78, 0.25, 0.14, 0.126], 0.8, 0.8, cfg) is None
-    assert stop_reason([0.99, 0.78, 0.25, 0.14, 0.126, 0.135], 0.8, 0.8, cfg) == "stalled"
-    assert stop_reason([0.95, 0.938, 0.936, 0.934], 0.79, 0.8, replace(cfg, stall_epochs=0)) is None
-    assert stop_reason([1.0, 0.0], 0.8, 0.8, replace(cfg, stop_when_unlearned=False)) is None
+    assert reason([0.99, 0.78, 0.25, 0.14, 0.126], [0.68, 0.75, 0.78, 0.83]) is None
+    assert reason([0.99, 0.78, 0.25, 0.14, 0.126, 0.135], [0.68, 0.75, 0.78, 0.83, 0.85]) == "stalled"
+    off = replace(cfg, stall_epochs=0)
+    assert reason([0.95, 0.938, 0.936, 0.934], [0.79, 0.79, 0.70], config=off) is None
+    assert reason([1.0, 0.0], [0.8], config=replace(cfg, stop_when_unlearned=False)) is None
 
 
 @pytest.mark.parametrize("stall_epochs", [2, 0])
 def test_loop_ends_when_unlearning_stalls_on_clean_suspects(backdoor, tmp_path, monkeypatch, stall_epochs):
     """Clean images as the suspected set (what SD flags on clean data): the loop ends at the
-    first epoch whose accuracy fell < stall_delta over stall_epochs epochs, never before."""
+    first epoch where the suspected set's accuracy fell < stall_delta, or the trusted set's
+    > stall_delta, over stall_epochs epochs; never before."""
     poisoned, _, _, model = backdoor
     engines = []
     original = Engine.fit
@@ -253,6 +262,7 @@ def test_loop_ends_when_unlearning_stalls_on_clean_suspects(backdoor, tmp_path, 
         assert len(engines[0].history) == config.epochs
         return
     accs = [before] + [h["suspected_acc"] for h in engines[0].history]
-    reasons = [stop_reason(accs[:i + 1], 1.0, 1.0, config) for i in range(1, len(accs))]
-    assert len(accs) - 1 < config.epochs and engines[0].history[-1]["stop_reason"] == "stalled"
-    assert reasons[-1] == "stalled" and not any(reasons[:-1])
+    trusted = [h["trusted_acc"] for h in engines[0].history]
+    reasons = [stop_reason(accs[:i + 1], trusted[:i], 1.0, config) for i in range(1, len(accs))]
+    assert len(accs) - 1 < config.epochs and engines[0].history[-1]["stop_reason"] in ("stalled", "eroding")
+    assert reasons[-1] == engines[0].history[-1]["stop_reason"] and not any(reasons[:-1])

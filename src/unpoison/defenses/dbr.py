@@ -23,7 +23,8 @@
          keeps its label and the trusted set is fitted as well as before the repair (both
          training data); the remaining epochs only relearn the trusted 20 % and cost CA.
        - `stall_epochs`: the loop also ends once the suspected set's accuracy has fallen by
-         less than `stall_delta` over the last `stall_epochs` epochs.
+         less than `stall_delta` over the last `stall_epochs` epochs, or the trusted set's
+         by more (see `stop_reason`).
          What the ascent cannot push down while relearning holds it up is clean images the
          split suspected (all of them on clean data) or a part of the poison the split
          missed; more epochs trade clean accuracy for nothing. Measured (quick, CPU): on
@@ -95,9 +96,10 @@ class DBRConfig:
     # and the trusted set is fitted as before the repair: more relearning on the
     # trusted 20 % only costs CA (ours; the official loop runs all `epochs`)
     stop_when_unlearned: bool = True
-    # end the loop once the suspected set's accuracy has fallen by less
-    # than `stall_delta` over the last `stall_epochs` epochs: unlearning has stalled on what
-    # relearning keeps fitted (ours; 0 = never, the official loop)
+    # end the loop once, over the last `stall_epochs` epochs, the suspected set's accuracy has
+    # fallen by less than `stall_delta` (unlearning has stalled on what relearning keeps
+    # fitted) or the trusted set's by more (the ascent is eroding clean features); ours,
+    # 0 = never (the official loop)
     stall_epochs: int = 2
     stall_delta: float = 0.01
 
@@ -176,21 +178,29 @@ def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, bound
     return per_sample.mean()
 
 
-def stop_reason(suspected_accs: list[float], trusted_acc: float, trusted_before: float, cfg: DBRConfig) -> str | None:
-    """Why the loop should end after this epoch, or None. `suspected_accs` is the suspected
-    set's accuracy before the repair and after each epoch so far (training data only).
+def stop_reason(suspected_accs: list[float], trusted_accs: list[float], trusted_before: float,
+                cfg: DBRConfig) -> str | None:
+    """Why the loop should end after this epoch, or None (training data only).
+
+    `suspected_accs`: the suspected set's accuracy before the repair and after each epoch so
+    far; `trusted_accs`: the trusted set's after each epoch so far.
     "unlearned": no suspected image keeps its label and the trusted set is fitted as before
-    the repair (less a point); "stalled": the suspected set's accuracy fell by less than
-    `stall_delta` over the last `stall_epochs` epochs. Not "at chance": while the loop ran,
-    the share of triggered test images sent to the target tracked the share of suspected
-    images keeping their label (BadNets: 7.2 % and 7.9 %), so a suspected set at chance
-    (10 %) leaves an ASR near 10 %."""
+    the repair (less a point). Not "at chance": while the loop ran, the share of triggered
+    test images sent to the target tracked the share of suspected images keeping their
+    label (BadNets: 7.2 % and 7.9 %), so a suspected set at chance leaves an ASR near 10 %.
+    "stalled": the suspected set's accuracy fell by less than `stall_delta` over the last
+    `stall_epochs` epochs: relearning holds up what is left. "eroding": the trusted set's
+    accuracy fell by more than `stall_delta` over those epochs (the loop's own epochs; the
+    first ascent costs some that relearning gives back): the ascent is now unlearning what
+    the clean images share, so the suspected set is mostly clean images."""
     now = suspected_accs[-1]
     if now <= 0.0:
-        unlearned = cfg.stop_when_unlearned and trusted_acc >= trusted_before - TRUSTED_TOLERANCE
+        unlearned = cfg.stop_when_unlearned and trusted_accs[-1] >= trusted_before - TRUSTED_TOLERANCE
         return "unlearned" if unlearned else None
     if 0 < cfg.stall_epochs < len(suspected_accs) and suspected_accs[-1 - cfg.stall_epochs] - now < cfg.stall_delta:
         return "stalled"
+    if 0 < cfg.stall_epochs < len(trusted_accs) and trusted_accs[-1 - cfg.stall_epochs] - trusted_accs[-1] > cfg.stall_delta:
+        return "eroding"
     return None
 
 
@@ -229,7 +239,8 @@ def unlearn_relearn_epoch(suspected: DeviceData, trusted: DeviceData, cfg: DBRCo
             out["trusted_acc"] = round(suspected_accuracy(engine.model, trusted), 4)
             engine.model.train()
             accs = [suspected_before] + [h["suspected_acc"] for h in engine.history] + [out["suspected_acc"]]
-            reason = stop_reason(accs, out["trusted_acc"], trusted_before, cfg)
+            trusted_accs = [h["trusted_acc"] for h in engine.history] + [out["trusted_acc"]]
+            reason = stop_reason(accs, trusted_accs, trusted_before, cfg)
             out["stopped"] = reason is not None
             if reason:
                 out["stop_reason"] = reason
