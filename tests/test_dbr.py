@@ -27,6 +27,15 @@ def backdoor():
     return poisoned, attack, test, train_toy_backdoored(poisoned)
 
 
+@pytest.fixture
+def fitted_engines(monkeypatch) -> list:
+    """Every Engine that runs `fit` during the test, in order (to read its history)."""
+    engines = []
+    original = Engine.fit
+    monkeypatch.setattr(Engine, "fit", lambda self, fn: engines.append(self) or original(self, fn))
+    return engines
+
+
 def _ctx(tmp_path: Path) -> DefenseContext:
     return DefenseContext(CPU, "smoke", 0, "wrn16-1", tmp_path, progress=False)
 
@@ -183,11 +192,8 @@ def test_ascent_pass_with_running_statistics_leaves_them_untouched(backdoor, tmp
 
 
 @pytest.mark.parametrize("stop", [True, False])
-def test_loop_ends_once_the_suspected_set_is_unlearned(backdoor, tmp_path, monkeypatch, stop):
+def test_loop_ends_once_the_suspected_set_is_unlearned(backdoor, tmp_path, fitted_engines, stop):
     poisoned, _, _, model = backdoor
-    engines = []
-    original = Engine.fit
-    monkeypatch.setattr(Engine, "fit", lambda self, fn: engines.append(self) or original(self, fn))
     n = len(poisoned.is_poison)
     suspected = torch.zeros(n, dtype=torch.bool)
     suspected[torch.nonzero(poisoned.is_poison).flatten()[:25]] = True
@@ -196,7 +202,7 @@ def test_loop_ends_once_the_suspected_set_is_unlearned(backdoor, tmp_path, monke
                      epochs=20)
     unlearn_relearn(copy.deepcopy(model).requires_grad_(True), poisoned.untrusted(), _split(n, suspected, trusted),
                     _ctx(tmp_path), config)
-    history = engines[0].history
+    history = fitted_engines[0].history
     if stop:   # ends at the first epoch where no suspected image keeps its label, the trusted set refitted
         trusted_before = float((predict(model, poisoned.untrusted().subset(trusted).images, CPU).argmax(1)
                                 == poisoned.untrusted().subset(trusted).labels).float().mean())
@@ -237,14 +243,11 @@ def test_stop_reason_tells_unlearned_from_stalled_and_eroding():
 
 
 @pytest.mark.parametrize("stall_epochs", [2, 0])
-def test_loop_ends_when_unlearning_stalls_on_clean_suspects(backdoor, tmp_path, monkeypatch, stall_epochs):
+def test_loop_ends_when_unlearning_stalls_on_clean_suspects(backdoor, tmp_path, fitted_engines, stall_epochs):
     """Clean images as the suspected set (what SD flags on clean data): the loop ends at the
     first epoch where the suspected set's accuracy fell < stall_delta, or the trusted set's
     > stall_delta, over stall_epochs epochs; never before."""
     poisoned, _, _, model = backdoor
-    engines = []
-    original = Engine.fit
-    monkeypatch.setattr(Engine, "fit", lambda self, fn: engines.append(self) or original(self, fn))
     n = len(poisoned.is_poison)
     clean = torch.nonzero(~poisoned.is_poison).flatten()
     suspected = torch.zeros(n, dtype=torch.bool)
@@ -259,10 +262,10 @@ def test_loop_ends_when_unlearning_stalls_on_clean_suspects(backdoor, tmp_path, 
     unlearn_relearn(copy.deepcopy(model).requires_grad_(True), data, _split(n, suspected, trusted),
                     _ctx(tmp_path), config)
     if not stall_epochs:
-        assert len(engines[0].history) == config.epochs
+        assert len(fitted_engines[0].history) == config.epochs
         return
-    accs = [before] + [h["suspected_acc"] for h in engines[0].history]
-    trusted = [h["trusted_acc"] for h in engines[0].history]
+    accs = [before] + [h["suspected_acc"] for h in fitted_engines[0].history]
+    trusted = [h["trusted_acc"] for h in fitted_engines[0].history]
     reasons = [stop_reason(accs[:i + 1], trusted[:i], 1.0, config) for i in range(1, len(accs))]
-    assert len(accs) - 1 < config.epochs and engines[0].history[-1]["stop_reason"] in ("stalled", "eroding")
-    assert reasons[-1] == engines[0].history[-1]["stop_reason"] and not any(reasons[:-1])
+    assert len(accs) - 1 < config.epochs and fitted_engines[0].history[-1]["stop_reason"] in ("stalled", "eroding")
+    assert reasons[-1] == fitted_engines[0].history[-1]["stop_reason"] and not any(reasons[:-1])

@@ -295,7 +295,7 @@ def _stop_rules(config: DBRConfig) -> str:
         [f"stops once in {config.stall_epochs} epochs its accuracy falls < {config.stall_delta} "
          f"or the trusted set's > {config.stall_delta}"]
         if config.stall_epochs else [])
-    return ", ".join(rules) if rules and config.mode != "relearn" else "all epochs"
+    return ", ".join(rules) if config.measures_progress else "all epochs"
 
 
 class DBR(Defense):
