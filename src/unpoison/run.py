@@ -188,6 +188,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     poisoned = attack.poison(train, generator(cfg.seed, "poison"))
 
     defense = build_defense(cfg.defense, cfg.profile, **cfg.defense_params)
+    # every setting that is not the paper's, by its --set name (the paper profile lists none)
+    deviations = [] if cfg.detector else defense.deviations(cfg.model)
+    for line in deviations:
+        print(f"[run] not the paper's setting: {line}", file=sys.stderr)
     every_epoch = cfg.monitor == "epochs" or (cfg.monitor == "auto" and profile.monitor_every_epoch)
     monitor = Monitor(test, attack, poisoned, runtime, every_epoch, cfg.seed, journal=out / MONITOR_JOURNAL,
                       resume=cfg.resume, started=start)
@@ -209,7 +213,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "stages": stages,
         "attack_config": attack.describe(), "defense_config": defense.describe(),
         "profile_note": profile.note, "environment": environment(),
-        "reused_models": reused, "notes": result.notes,
+        "reused_models": reused, "notes": result.notes, "deviations": deviations,
         **({"detector": cfg.detector, "detector_config": detector.describe()} if detector else {}),
     }
     scores = None
