@@ -48,6 +48,7 @@ def add_held_out_options(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .. import artifacts
     from .. import workflow as wf
+    from ..artifacts import dataset_digest
     from ..defenses import DEFENSES, build_defense
     from ..io import environment
     from ..profiles import get_profile
@@ -67,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     data = wf.load_training_data(data_path, args.split, args.image_size, args.val_split, args.test, args.seed)
     wf.write_skipped(out, data.skipped)
-    wf.check_resume(out, args.resume, {"command": "train", "data": wf.data_digest(data.train),
+    wf.check_resume(out, args.resume, {"command": "train", "data": dataset_digest(data.train),
                                        "defense": defense.describe(), "model": args.model,
                                        "profile": args.profile, "seed": args.seed})
     ctx = wf.user_context(out, runtime, args.profile, args.seed, args.model, not args.no_progress,
