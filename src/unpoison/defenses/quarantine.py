@@ -57,6 +57,7 @@ from .dbr import DBRConfig, unlearn_relearn, unlearning_loss
 from .none import train_standard
 
 MIN_PER_CLASS = 10   # below this many images in a class the probe's seeds mean nothing
+MIN_REPAIR = 20      # a late set smaller than this is noise, not a backdoor worth an ascent
 
 
 @dataclass
@@ -66,9 +67,9 @@ class QuarantineConfig:
     train: TrainConfig = field(default_factory=lambda: get_profile("quick").baseline)
     verify_at: float = 0.4               # share of the training epochs before the verdict
     unlearn_weight: float = 1.0          # weight of a contradicted image's margin loss vs a kept image's CE
-    # a label group's contradicted images are unlearned when its contradiction rate exceeds
-    # (1 + kept error rate) / 2: halfway between "as wrong as any image" and "all wrong"
-    group_rule: bool = True
+    # a label group's contradicted images are unlearned when its contradiction rate exceeds the
+    # kept images' of that label by this many standard errors (None: every contradicted image)
+    group_z: float | None = 3.0
     recheck: bool = True
     recheck_seed_fraction: float = 0.01  # seeds of the recheck, as a share of the set
     recheck_fraction: float = 0.10       # how far the recheck expands from its seeds
@@ -76,6 +77,9 @@ class QuarantineConfig:
     repair: DBRConfig = field(default_factory=lambda: replace(DBRConfig.for_profile("quick"), epochs=5,
                                                               unlearn_loss="margin"))
     trusted_fraction: float = 0.2        # kept images the repair relearns
+    # the repaired model is kept only if it fits the trusted images within this much of the
+    # model before the repair; otherwise the repair was unlearning clean images and is undone
+    repair_tolerance: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("quarantine_fraction", "verify_at", "recheck_seed_fraction", "recheck_fraction",
@@ -117,29 +121,30 @@ class Verdict:
 
 
 def contradicted_groups(contradicted: torch.Tensor, quarantined: torch.Tensor, labels: torch.Tensor,
-                        num_classes: int, use_rule: bool = True) -> tuple[torch.Tensor, list[dict]]:
+                        num_classes: int, z: float | None = 3.0) -> tuple[torch.Tensor, list[dict]]:
     """Which quarantined images to unlearn (bool mask) and the per-label table behind it.
 
     A quarantined image the early model contradicts is either poison (its trigger not yet
-    learned) or a clean image that is hard or mislabelled. The kept images' error rate says
-    how often the second happens; a label group whose quarantined images are contradicted far
-    more often than that holds poison, and its contradicted images are unlearned."""
-    kept = ~quarantined
-    kept_error = float(contradicted[kept].float().mean()) if kept.any() else 0.0
-    threshold = (1 + kept_error) / 2
+    learned) or a clean image that is hard or mislabelled. The kept images of the same label
+    say how often the second happens; a label group whose quarantined images are contradicted
+    more often than that, by `z` standard errors, holds poison, and its contradicted images
+    are unlearned. z=None unlearns every contradicted quarantined image."""
     unlearn = torch.zeros_like(quarantined)
     table = []
     for c in range(num_classes):
         group = quarantined & (labels == c)
         if not group.any():
             continue
+        kept = ~quarantined & (labels == c)
+        error = float(contradicted[kept].float().mean()) if kept.any() else 0.0
         rate = float(contradicted[group].float().mean())
-        chosen = rate > threshold or not use_rule
+        spread = (max(error * (1 - error), 1e-4) / int(group.sum())) ** 0.5
+        chosen = z is None or rate > error + z * spread
         if chosen:
             unlearn |= group & contradicted
         table.append({"label": c, "quarantined": int(group.sum()), "contradicted_rate": round(rate, 4),
-                      "unlearned": chosen})
-    return unlearn, [{"kept_error": round(kept_error, 4), "threshold": round(threshold, 4)}] + table
+                      "kept_error": round(error, 4), "unlearned": chosen})
+    return unlearn, table
 
 
 def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, quarantined: torch.Tensor,
@@ -155,14 +160,14 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
                     extra_state={"verdict": verdict}, log_path=ctx.log_path, on_epoch_end=ctx.epoch_hook(name),
                     progress=ctx.progress)
     device_data = DeviceData(data, ctx.runtime)
-    verify_epoch = max(1, round(cfg.verify_at * recipe.epochs))
+    verify_epoch = max(1, round(cfg.verify_at * recipe.epochs))   # the verdict comes before this epoch
     state: dict = {}
 
     def unlearn_set() -> torch.Tensor:
         if "unlearn" not in state:
             contradicted = verdict.predicted != data.labels
             state["unlearn"], state["groups"] = contradicted_groups(contradicted, quarantined, data.labels,
-                                                                    data.num_classes, cfg.group_rule)
+                                                                    data.num_classes, cfg.group_z)
         return state["unlearn"].nonzero().flatten()
 
     def epoch_fn(engine: Engine, epoch: int, g: torch.Generator) -> dict:
@@ -237,30 +242,52 @@ class Quarantine(Defense):
             "train", cfg.train.epochs,
             lambda: train_with_unlearning(ctx.new_model(data), data, kept, quarantined, ctx, cfg),
             model_of=lambda out: out[0])
+        # plain training's cost is estimated from this stage: it trained on the kept images
+        # and carried the unlearned ones in its batches
+        verify_epoch = max(1, round(cfg.verify_at * cfg.train.epochs))
+        carried = int(unlearned.sum()) * max(0, cfg.train.epochs - verify_epoch) / max(1, cfg.train.epochs)
+        timer.records[-1]["images_per_epoch"] = int(kept.sum()) + round(carried)
 
         late = torch.zeros(len(data), dtype=torch.bool)
         recheck_score = torch.zeros(len(data))
         if cfg.recheck:
             late, recheck_score = timer.run("recheck", 0, lambda: late_learned(model, data, verdict, quarantined, ctx, cfg))
-        repaired = bool(late.sum() >= max(2, cfg.repair_min_fraction * len(data)))
+        repaired = bool(late.sum() >= max(MIN_REPAIR, cfg.repair_min_fraction * len(data)))
+        undone = False
         if repaired:
-            g = generator(ctx.seed, "quarantine-trusted")
-            pool = (kept & ~late).nonzero().flatten()
-            trusted = torch.zeros(len(data), dtype=torch.bool)
-            trusted[pool[torch.randperm(len(pool), generator=g)[: int(round(len(pool) * cfg.trusted_fraction))]]] = True
-            split = SampleSplit(scores=recheck_score, clean=trusted, poisoned=late)
-            start = copy.deepcopy(model).requires_grad_(True)
-            model = timer.run("repair", cfg.repair.epochs,
-                              lambda: unlearn_relearn(start, data, split, ctx, cfg.repair, name="repair"))
+            model, undone = timer.run("repair", cfg.repair.epochs, lambda: self.repair(model, data, kept, late,
+                                                                                        recheck_score, ctx),
+                                      model_of=lambda out: out[0])
+            repaired = not undone
 
         # ranking for suspects.csv: unlearned quarantine, then late, then the probe's order
         probe_rank = torch.argsort(torch.argsort(detection.scores, stable=True)).float() / max(1, len(data) - 1)
         suspicion = probe_rank + unlearned.float() * 2 + late.float()
         flagged = quarantined | late
         trusted = kept & ~late
-        notes = self.explain(data, quarantined, unlearned, late, repaired, groups)
+        notes = self.explain(data, quarantined, unlearned, late, repaired, undone, groups)
         return DefenseResult(model, suspicion=suspicion, flagged=flagged, trusted=trusted, stages=timer.records,
                              notes=notes)
+
+    def repair(self, model: nn.Module, data: ImageSet, kept: torch.Tensor, late: torch.Tensor,
+               recheck_score: torch.Tensor, ctx: DefenseContext) -> tuple[nn.Module, bool]:
+        """Stage 4: D-BR's loop, ascent on the late set, descent on a random share of the kept
+        images. Returns (model, undone): the input model when the repair cost the trusted
+        images more than `repair_tolerance` of their accuracy."""
+        cfg = self.config
+        g = generator(ctx.seed, "quarantine-trusted")
+        pool = (kept & ~late).nonzero().flatten()
+        trusted = torch.zeros(len(data), dtype=torch.bool)
+        trusted[pool[torch.randperm(len(pool), generator=g)[: int(round(len(pool) * cfg.trusted_fraction))]]] = True
+        split = SampleSplit(scores=recheck_score, clean=trusted, poisoned=late)
+        repaired = unlearn_relearn(copy.deepcopy(model).requires_grad_(True), data, split, ctx, cfg.repair,
+                                   name="repair")
+        trusted_set = data.subset(trusted.nonzero().flatten())
+        before, after = (float((predict(m, trusted_set.images, ctx.runtime).argmax(1) == trusted_set.labels)
+                               .float().mean()) for m in (model, repaired))
+        if after < before - cfg.repair_tolerance:
+            return model, True
+        return repaired, False
 
     @staticmethod
     def cannot_judge(data: ImageSet) -> str | None:
@@ -275,25 +302,28 @@ class Quarantine(Defense):
                     f"to tell a planted pattern from the class itself)")
         return None
 
-    def explain(self, data: ImageSet, quarantined, unlearned, late, repaired, groups) -> list[str]:
+    def explain(self, data: ImageSet, quarantined, unlearned, late, repaired, undone, groups) -> list[str]:
         names = data.classes if data.classes else [str(c) for c in range(data.num_classes)]
         n = len(data)
         notes = [f"set aside {int(quarantined.sum())} of {n} images ({quarantined.float().mean():.1%}) before training"]
-        rule = groups[0]
-        held = [g for g in groups[1:] if g["unlearned"]]
+        held = [g for g in groups if g["unlearned"]]
         if held:
-            shown = ", ".join(f"'{names[g['label']]}' ({g['contradicted_rate']:.0%} of {g['quarantined']})" for g in held)
-            notes.append(f"the model in training contradicted the labels of the set-aside images of {shown}, against "
-                         f"{rule['kept_error']:.0%} of the kept images: those {int(unlearned.sum())} images were "
-                         f"unlearned (their label is what a planted trigger teaches)")
+            shown = ", ".join(f"'{names[g['label']]}' ({g['contradicted_rate']:.0%} of {g['quarantined']}, against "
+                              f"{g['kept_error']:.0%} of the kept images)" for g in held)
+            notes.append(f"the model in training contradicted the labels of the set-aside images of {shown}: "
+                         f"those {int(unlearned.sum())} images were unlearned (a label the images do not support "
+                         f"is what a planted trigger teaches)")
         else:
-            notes.append(f"no label among the set-aside images stood out (contradicted no more than the "
-                         f"{rule['kept_error']:.0%} of kept images the model got wrong halfway): nothing was unlearned "
-                         f"during training; the set-aside images were left out")
+            notes.append("no label among the set-aside images stood out: the model in training contradicted them "
+                         "no more often than the kept images of their class, so nothing was unlearned during "
+                         "training (they were left out)")
         if repaired:
             notes.append(f"after training, {int(late.sum())} images learned late and unlike what the early model saw "
                          f"were unlearned in a short repair")
+        elif undone:
+            notes.append(f"after training, {int(late.sum())} images looked learned late, but unlearning them cost "
+                         f"the model accuracy on images it trusts: the repair was undone (they were clean)")
         elif late.any():
             notes.append(f"after training, {int(late.sum())} images looked learned late: too few to repair "
-                         f"(threshold {self.config.repair_min_fraction:.1%} of the set)")
+                         f"(fewer than {MIN_REPAIR} images or {self.config.repair_min_fraction:.1%} of the set)")
         return notes
