@@ -167,7 +167,7 @@ def test_quick_keeps_the_papers_ratios_to_f_c_length(epochs):
 
 
 def test_f_b_shorter_than_an_epoch_sees_that_share_of_the_set_once(tmp_path, cpu, monkeypatch):
-    import unpoison.defenses.none as none_module
+    import unpoison.context as none_module
 
     seen = []
     real = none_module.train_supervised

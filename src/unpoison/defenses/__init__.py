@@ -14,6 +14,7 @@ DEFENSES = Registry("defense", __name__, {
     "cbd": "cbd:CBD",
     "dst": "dst:DST",
     "dbr": "dbr:DBR",
+    "quarantine": "quarantine:Quarantine",
 })
 
 

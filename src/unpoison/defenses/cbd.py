@@ -39,7 +39,7 @@ from ..data.imageset import ImageSet
 from ..train.engine import Engine, OptimConfig
 from ..train.supervised import DeviceData, TrainConfig
 from .base import Defense, DefenseContext, DefenseResult, StageTimer
-from .none import train_standard
+from ..context import train_standard
 
 # ---------------------------------------------------------------------------- config
 

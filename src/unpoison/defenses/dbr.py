@@ -36,7 +36,7 @@ from ..train.engine import OptimConfig
 from ..train.supervised import TrainConfig
 from ..train.unlearn import UnlearnConfig, describe, unlearn
 from .base import Defense, DefenseContext, DefenseResult, StageTimer
-from .none import train_standard
+from ..context import train_standard
 
 
 def official_loop() -> UnlearnConfig:
