@@ -14,6 +14,12 @@ DEFENSES = Registry("defense", __name__, {
     "cbd": "cbd:CBD",
     "dst": "dst:DST",
     "dbr": "dbr:DBR",
+    # post-training repair baselines: the backdoored model plus a small clean reference
+    "ft": "ft:FT",
+    "fp": "fp:FP",
+    "nad": "nad:NAD",
+    "anp": "anp:ANP",
+    "mcr": "mcr:MCR",
 })
 
 

@@ -45,6 +45,10 @@ class DefenseContext:
     # trains-or-loads a model shared between runs (e.g. the no-defence model D-BR repairs)
     shared_model: Callable[[dict, Callable[[], nn.Module]], nn.Module] | None = None
     log_path: Path | None = None
+    # images known to be clean, for the post-training repair baselines only (FT, FP, NAD,
+    # ANP, MCR): the runner draws it from unpoisoned training images when the defence asks
+    # for one (`needs_clean_reference`); None otherwise
+    clean_reference: ImageSet | None = None
 
     def new_model(self, data: ImageSet, name: str | None = None, role: str = "model") -> Classifier:
         """A freshly initialised model; its initial weights depend only on (seed, role)."""
@@ -93,6 +97,7 @@ class Defense:
     name = "defense"
     Config: type = object
     main_epochs = "train.epochs"   # the setting `--epochs` changes
+    needs_clean_reference = False  # True: the runner supplies ctx.clean_reference
 
     def __init__(self, config: Any) -> None:
         self.config = config
