@@ -24,7 +24,9 @@ from .attacks.base import Attack, PoisonedSet
 from .data import load_dataset
 from .data.imageset import ImageSet
 from .defenses import build_defense
-from .defenses.base import DefenseContext, DefenseResult, to_plain
+from .config import to_plain
+from .context import DefenseContext
+from .defenses.base import DefenseResult
 from .detect import build_detector
 from .io import environment, write_json
 from .metrics import backdoor_metrics, detection_metrics, subset_accuracy
@@ -167,41 +169,30 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     test = load_split(cfg, "test", cfg.test_subset or profile.test_subset)
 
     attack = build_attack(cfg.attack, **cfg.attack_params)
-    reused: list[str] = []
-    identity = {"dataset": cfg.dataset, "n_train": len(train), "seed": cfg.seed, "model": cfg.model,
-                "profile": cfg.profile, "train_digest": _digest(train)}
-
-    def shared(base: dict):
-        def shared_model(key: dict, build):
-            if not cfg.share_models:
-                return build()
-            full = {**identity, **base, **key}
-            model, hit = artifacts.cached_model(full, build, lambda: ctx.new_model(train))
-            if hit:
-                reused.append(f"{key.get('stage', 'model')} (cache {artifacts.cache_key(full)})")
-                print(f"[run] reusing cached model for {key.get('stage')}: identical data, recipe and seed",
-                      file=sys.stderr)
-            return runtime.prepare_model(model).eval()
-        return shared_model
-
     ctx = DefenseContext(runtime, cfg.profile, cfg.seed, cfg.model, out, progress=cfg.progress,
-                         shared_model=shared({"attack": "none"}), log_path=out / "log.jsonl")
+                         log_path=out / "log.jsonl")
+    # models are cached by the data they train on: the attack's reference model by the clean
+    # set, the defence's models by the poisoned one
+    clean_cache = artifacts.ModelCache.for_context(ctx, train, enabled=cfg.share_models)
+    ctx.shared_model = clean_cache.shared_model
     attack.prepare(train, ctx)
     poisoned = attack.poison(train, generator(cfg.seed, "poison"))
+    untrusted = poisoned.untrusted()
 
     defense = build_defense(cfg.defense, cfg.profile, **cfg.defense_params)
     every_epoch = cfg.monitor == "epochs" or (cfg.monitor == "auto" and profile.monitor_every_epoch)
     monitor = Monitor(test, attack, poisoned, runtime, every_epoch, cfg.seed, journal=out / MONITOR_JOURNAL,
                       resume=cfg.resume, started=start)
     ctx.on_epoch, ctx.on_stage = monitor.on_epoch, monitor.on_stage
-    ctx.shared_model = shared({"attack": attack.describe()})
+    cache = artifacts.ModelCache.for_context(ctx, untrusted, enabled=cfg.share_models)
+    ctx.shared_model = cache.shared_model
 
     if defense.needs_clean_reference and not cfg.detector:
         ctx.clean_reference = poisoned.clean_reference(cfg.clean_fraction, generator(cfg.seed, "clean-reference"))
         print(f"[run] clean reference: {len(ctx.clean_reference)} unpoisoned training images "
               f"({cfg.clean_fraction:.0%}), the repair method's only clean data", file=sys.stderr)
     detector = build_detector(cfg.detector, cfg.profile, **cfg.detector_params) if cfg.detector else None
-    result = detect(detector, poisoned.untrusted(), ctx) if detector else defense.fit(poisoned.untrusted(), ctx)
+    result = detect(detector, untrusted, ctx) if detector else defense.fit(untrusted, ctx)
 
     final = backdoor_metrics(result.model, test, attack, runtime, monitor.backdoor)
     stages = [{**s, **monitor.stage_metrics.get(s["name"], {})} for s in result.stages]
@@ -215,7 +206,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "stages": stages,
         "attack_config": attack.describe(), "defense_config": defense.describe(),
         "profile_note": profile.note, "environment": environment(),
-        "reused_models": reused, "notes": result.notes,
+        "reused_models": clean_cache.reused + cache.reused, "notes": result.notes,
         **({"n_clean_reference": len(ctx.clean_reference)} if ctx.clean_reference is not None else {}),
         **({"detector": cfg.detector, "detector_config": detector.describe()} if detector else {}),
     }
@@ -258,12 +249,3 @@ def detect(detector, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
     note = f"detection-only run ({detector.name}): clean_acc/asr/robust_acc are of the detector's own model"
     return DefenseResult(found.model, suspicion=found.scores, flagged=found.flagged, stages=found.stages, notes=[note])
 
-
-def _digest(data: ImageSet) -> str:
-    """A cheap fingerprint of a dataset's contents, so cached models never cross datasets."""
-    import hashlib
-
-    h = hashlib.sha256()
-    h.update(data.labels.numpy().tobytes())
-    h.update(data.images[:: max(1, len(data) // 997)].numpy().tobytes())
-    return h.hexdigest()[:16]

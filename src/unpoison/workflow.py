@@ -30,7 +30,7 @@ from torch import nn
 from .data import DataFormatError, RESIZE_POLICY, load_image_folder
 from .data.folder import IMAGE_EXTENSIONS, MAX_FILE_BYTES, decode_image, is_archive
 from .data.imageset import ImageSet
-from .defenses.base import DefenseContext
+from .context import DefenseContext
 from .io import atomic_write_text, write_csv, write_json
 from .runtime import Runtime, generator
 
@@ -336,16 +336,6 @@ def _read_loose(files: list[Path], root: Path, size, arrays, paths, skipped) -> 
 
 # --------------------------------------------------------------------------- runs
 
-def data_digest(data: ImageSet) -> str:
-    """Every pixel and label: a cached model must never cross two datasets that differ
-    in a handful of images (a user who drops the flagged images and retrains)."""
-    h = hashlib.sha256()
-    h.update(data.labels.numpy().tobytes())
-    h.update(data.images.numpy().tobytes())
-    h.update(json.dumps(data.classes).encode())
-    return h.hexdigest()[:20]
-
-
 def prepare_out(out: Path, resume: bool, outputs: Iterable[str]) -> None:
     """A fresh run clears what an earlier run left (checkpoints above all: they would
     silently resume a different run); --resume keeps the checkpoints."""
@@ -364,7 +354,7 @@ RUN_IDENTITY = "run-identity.json"
 def check_resume(out: Path, resume: bool, identity: dict[str, Any]) -> None:
     """--resume continues only the run that OUT holds: same data (every pixel and label),
     settings and seed. Otherwise the checkpoints would silently finish a different run."""
-    from .defenses.base import to_plain
+    from .config import to_plain
 
     identity = json.loads(json.dumps(to_plain(identity), default=str))
     path = out / RUN_IDENTITY
@@ -385,21 +375,11 @@ def user_context(out: Path, runtime: Runtime, profile: str, seed: int, model: st
                  share: bool, data: ImageSet) -> DefenseContext:
     """A DefenseContext for a run without ground truth; models that an identical run
     (same pixels, labels, recipe, seed) already trained are reused when `share`."""
-    from . import artifacts
+    from .artifacts import ModelCache
 
     ctx = DefenseContext(runtime, profile, seed, model, out, progress=progress, log_path=out / "log.jsonl")
     if share:
-        identity = {"user_data": data_digest(data), "seed": seed, "model": model, "profile": profile,
-                    "size": list(data.image_size)}
-
-        def shared_model(key: dict, build: Callable[[], nn.Module]) -> nn.Module:
-            full = {**identity, **key}
-            model, hit = artifacts.cached_model(full, build, lambda: ctx.new_model(data))
-            if hit:
-                say(f"[cache] reusing the model of an identical earlier run for {key.get('stage', 'model')}")
-            return runtime.prepare_model(model).eval()
-
-        ctx.shared_model = shared_model
+        ctx.shared_model = ModelCache.for_context(ctx, data).shared_model
     return ctx
 
 

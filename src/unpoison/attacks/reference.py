@@ -29,7 +29,7 @@ def reference_model(train: ImageSet, ctx: Any, path: str | None = None, epochs: 
     if ctx is None:
         raise ValueError("this attack needs a reference model: call attack.prepare(train, ctx) with a "
                          "DefenseContext, or give reference=PATH to a model.pt")
-    from ..defenses.base import to_plain
+    from ..config import to_plain
     from ..profiles import get_profile
     from ..train.supervised import train_supervised
 

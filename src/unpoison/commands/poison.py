@@ -77,9 +77,8 @@ def poison_to_disk(dataset: str, attack_name: str, attack_params: dict[str, Any]
                    preview: int = 8) -> dict[str, Any]:
     from .. import artifacts
     from ..attacks import build_attack
-    from ..defenses.base import DefenseContext
+    from ..context import DefenseContext
     from ..io import write_json
-    from ..run import _digest
     from ..runtime import Runtime, generator
 
     train, test, source = _load(dataset, data_root, seed, train_subset, test_subset)
@@ -88,18 +87,9 @@ def poison_to_disk(dataset: str, attack_name: str, attack_params: dict[str, Any]
     out.mkdir(parents=True, exist_ok=True)
     work = out / ".work"
 
-    # the same cache identity as `unpoison run`, so reference models are shared with it
-    identity = {"dataset": dataset, "n_train": len(train), "seed": seed, "model": model, "profile": profile,
-                "train_digest": _digest(train), "attack": "none"}
-
-    def shared_model(key: dict, build):
-        if not share_models:
-            return build()
-        trained, _ = artifacts.cached_model({**identity, **key}, build, lambda: ctx.new_model(train))
-        return runtime.prepare_model(trained).eval()
-
-    ctx = DefenseContext(runtime, profile, seed, model, work, progress=progress, shared_model=shared_model,
-                         log_path=work / "log.jsonl")
+    ctx = DefenseContext(runtime, profile, seed, model, work, progress=progress, log_path=work / "log.jsonl")
+    # the cache `unpoison run` uses for the same clean data, so reference models are shared with it
+    ctx.shared_model = artifacts.ModelCache.for_context(ctx, train, enabled=share_models).shared_model
     attack.prepare(train, ctx)
     poisoned = attack.poison(train, generator(seed, "poison"))
     backdoor_index = (torch.ones(len(test), dtype=torch.bool) if attack.mode == "all2all"

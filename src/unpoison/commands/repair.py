@@ -61,6 +61,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
     from .. import artifacts
     from .. import workflow as wf
+    from ..artifacts import dataset_digest
     from ..data.cache import hash_path
     from ..defenses.base import DefenseResult, apply_overrides
     from ..io import environment
@@ -91,7 +92,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
     data = wf.load_training_data(data_path, args.split, size, args.val_split, args.test, args.seed, classes=classes)
     wf.write_skipped(out, data.skipped)
-    wf.check_resume(out, args.resume, {"command": "repair", "data": wf.data_digest(data.train),
+    wf.check_resume(out, args.resume, {"command": "repair", "data": dataset_digest(data.train),
                                        "repaired_model": hash_path(Path(args.model).expanduser()),
                                        "config": _plain(config), "profile": args.profile, "seed": args.seed})
     unknown = [s for s in data.train.skipped if "not one of the known classes" in s]
@@ -152,7 +153,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def _plain(config) -> dict:
-    from ..defenses.base import to_plain
+    from ..config import to_plain
 
     plain = to_plain(config)
     return plain if isinstance(plain, dict) else {"config": str(plain)}

@@ -44,6 +44,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from ..profiles import get_profile
     from ..runtime import Runtime
     from .. import workflow as wf
+    from ..artifacts import dataset_digest
 
     start = time.perf_counter()
     data_path, out = wf.check_paths(args.data, args.out)
@@ -59,7 +60,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     checked = wf.check_classes(wf.load_folder(data_path, split, size, what="data"))
     data = checked.data
     wf.write_skipped(out, data.skipped)
-    wf.check_resume(out, args.resume, {"command": "scan", "data": wf.data_digest(data),
+    wf.check_resume(out, args.resume, {"command": "scan", "data": dataset_digest(data),
                                        "detector": detector.describe(), "model": args.model,
                                        "profile": args.profile, "seed": args.seed})
 

@@ -23,7 +23,8 @@ def register(sub) -> None:
                                    "(DIR/<class>/<image>, a directory or a .tar.gz).")
     p.add_argument("--data", required=True, help="ImageFolder directory or archive (a train/ inside is used)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--defense", default="dlp", help="dlp (default), cbd, dst, abl, none ...")
+    p.add_argument("--defense", default="quarantine",
+                   help="quarantine (default, recommended), dlp, cbd, dst, dbr, abl, none ...")
     p.add_argument("--model", default="wrn16-1", help="architecture (default: wrn16-1)")
     p.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
     p.add_argument("--seed", type=int, default=0)
@@ -48,6 +49,7 @@ def add_held_out_options(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .. import artifacts
     from .. import workflow as wf
+    from ..artifacts import dataset_digest
     from ..defenses import DEFENSES, build_defense
     from ..io import environment
     from ..profiles import get_profile
@@ -67,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     data = wf.load_training_data(data_path, args.split, args.image_size, args.val_split, args.test, args.seed)
     wf.write_skipped(out, data.skipped)
-    wf.check_resume(out, args.resume, {"command": "train", "data": wf.data_digest(data.train),
+    wf.check_resume(out, args.resume, {"command": "train", "data": dataset_digest(data.train),
                                        "defense": defense.describe(), "model": args.model,
                                        "profile": args.profile, "seed": args.seed})
     ctx = wf.user_context(out, runtime, args.profile, args.seed, args.model, not args.no_progress,
@@ -106,15 +108,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     wf.write_summary(out / "train.json", record)
     write_run_report(out, "unpoison train", record, summary, monitor.curves())
 
-    shown = f"{held_out_acc:.4f}" if held_out_acc is not None else "n/a (no held-out images)"
-    print(f"held-out accuracy: {shown} ({data.held_out_source})")
-    if summary is not None:
-        for line in wf.summary_lines(summary):
-            print(line)
-    else:
-        print(f"the {args.defense} defence ranks no images: suspects.csv lists them unscored")
-    print(f"wrote {out}/model.pt, {out}/suspects.csv, {out}/report.html")
+    for line in plain_summary(record, summary, out, args.defense):
+        print(line)
     return 0
+
+
+def plain_summary(record: dict, summary: dict | None, out: Path, defense: str) -> list[str]:
+    """What the defence did, in a user's words: images set aside and where they concentrate,
+    what each stage concluded, the time against plain training, and where the outputs are."""
+    from .. import workflow as wf
+
+    wall = record["wall_seconds"]
+    lines = [f"[{defense}] done in {_minutes(wall)}."]
+    plain = plain_training_seconds(record["stages"], record["n_train"])
+    if plain:
+        lines[0] += (f" Plain training of the same model would take about {_minutes(plain)} (estimated from this "
+                     f"run's training stage): the defence cost {wall / plain:.1f}x that.")
+    if summary is not None:
+        lines += wf.summary_lines(summary)
+    else:
+        lines.append(f"the {defense} defence ranks no images: suspects.csv lists them unscored")
+    lines += [f"- {note}" for note in record.get("notes", [])]
+    acc = record["held_out_acc"]
+    lines.append(f"held-out accuracy: {acc:.4f} ({record['held_out']})" if acc is not None
+                 else "held-out accuracy: n/a (no held-out images; use --test DIR or --val-split)")
+    lines.append(f"the model: {out}/model.pt; every image ranked, most suspicious first: {out}/suspects.csv; "
+                 f"the report (open in a browser): {out}/report.html")
+    return lines
+
+
+def plain_training_seconds(stages: list[dict], n_train: int) -> float | None:
+    """Seconds plain training would take, from a stage named "train" (scaled to the whole set
+    when the stage trained on part of it), or None when the defence has no such stage."""
+    for stage in stages:
+        if stage.get("name") == "train" and stage.get("seconds"):
+            return stage["seconds"] * n_train / max(1, stage.get("images_per_epoch", n_train))
+    return None
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def write_run_report(out: Path, title: str, record: dict, summary: dict | None, curves: list[dict]) -> None:

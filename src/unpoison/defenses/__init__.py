@@ -14,6 +14,7 @@ DEFENSES = Registry("defense", __name__, {
     "cbd": "cbd:CBD",
     "dst": "dst:DST",
     "dbr": "dbr:DBR",
+    "quarantine": "quarantine:Quarantine",
     # post-training repair baselines: the backdoored model plus a small clean reference
     "ft": "ft:FT",
     "fp": "fp:FP",

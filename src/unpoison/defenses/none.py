@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 from ..data.imageset import ImageSet
 from ..profiles import get_profile
-from ..train.supervised import TrainConfig, train_supervised
-from .base import Defense, DefenseContext, DefenseResult, StageTimer, to_plain
+from ..context import train_standard  # noqa: F401  (defined below the packages; imported from here by older code)
+from ..train.supervised import TrainConfig
+from .base import Defense, DefenseContext, DefenseResult, StageTimer
 
 
 @dataclass
@@ -28,14 +29,3 @@ class NoDefense(Defense):
         timer = StageTimer(ctx)
         model = timer.run("train", self.config.train.epochs, lambda: train_standard(data, ctx, self.config.train))
         return DefenseResult(model, stages=timer.records)
-
-
-def train_standard(data: ImageSet, ctx: DefenseContext, cfg: TrainConfig, name: str = "train"):
-    """Plain training with the profile's recipe (shared through ctx.shared_model when given)."""
-    def build():
-        return train_supervised(ctx.new_model(data), data, cfg, ctx.runtime, name=name, seed=ctx.seed,
-                                checkpoint_dir=ctx.checkpoints(), log_path=ctx.log_path,
-                                on_epoch_end=ctx.epoch_hook(name), progress=ctx.progress)
-    if ctx.shared_model is not None:
-        return ctx.shared_model({"stage": name, "recipe": to_plain(cfg)}, build)
-    return build()

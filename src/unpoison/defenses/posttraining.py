@@ -23,7 +23,7 @@ from torch import nn
 from ..data.imageset import ImageSet
 from ..profiles import get_profile
 from .base import Defense, DefenseContext, DefenseResult, StageTimer
-from .none import train_standard
+from ..context import train_standard
 
 # the share of the training set `unpoison run` draws as the clean reference (NAD, ANP, BackdoorBench)
 CLEAN_FRACTION = 0.05

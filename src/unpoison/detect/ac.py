@@ -29,8 +29,7 @@ import numpy as np
 import torch
 
 from ..data.imageset import ImageSet
-from ..defenses.base import DefenseContext, StageTimer
-from ..defenses.none import train_standard
+from ..context import DefenseContext, StageTimer, train_standard
 from ..profiles import get_profile
 from ..runtime import derive_seed
 from ..train.supervised import TrainConfig, extract_features

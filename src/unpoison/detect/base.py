@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..data.imageset import ImageSet
-from ..defenses.base import DefenseContext, to_plain
+from ..config import apply_overrides, to_plain
+from ..context import DefenseContext
 
 
 @dataclass
@@ -33,8 +34,6 @@ class Detector:
 
     @classmethod
     def for_profile(cls, profile: str, **overrides) -> "Detector":
-        from ..defenses.base import apply_overrides
-
         return cls(apply_overrides(cls.Config.for_profile(profile), overrides))  # type: ignore[attr-defined]
 
     def detect(self, data: ImageSet, ctx: DefenseContext) -> Detection:  # pragma: no cover

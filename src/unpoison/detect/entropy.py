@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..data.imageset import ImageSet
-from ..defenses.base import DefenseContext, to_plain
+from ..config import to_plain
+from ..context import DefenseContext
 from ..runtime import Runtime
 from ..train.engine import OptimConfig
 from ..train.supervised import TrainConfig, predict, train_supervised

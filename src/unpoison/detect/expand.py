@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.imageset import ImageSet
-from ..defenses.base import DefenseContext, StageTimer
+from ..context import DefenseContext, StageTimer
 from ..train.supervised import extract_features
 from .base import Detection
 from .entropy import EntropyConfig, EntropyDetector

@@ -27,7 +27,8 @@ from torch import nn
 from ..data import augment
 from ..data.batches import batch_indices
 from ..data.imageset import ImageSet
-from ..defenses.base import DefenseContext, StageTimer, to_plain
+from ..config import to_plain
+from ..context import DefenseContext, StageTimer
 from ..runtime import generator
 from ..train.engine import Engine, OptimConfig
 from ..train.supervised import DeviceData, extract_features

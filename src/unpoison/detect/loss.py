@@ -22,7 +22,8 @@ from torch import nn
 
 from ..data.batches import batch_indices
 from ..data.imageset import ImageSet
-from ..defenses.base import DefenseContext, to_plain
+from ..config import to_plain
+from ..context import DefenseContext
 from ..runtime import Runtime
 from ..train.engine import Engine, OptimConfig
 from ..train.supervised import DeviceData, TrainConfig, predict

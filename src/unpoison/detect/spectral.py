@@ -29,8 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..data.imageset import ImageSet
-from ..defenses.base import DefenseContext, StageTimer
-from ..defenses.none import train_standard
+from ..context import DefenseContext, StageTimer, train_standard
 from ..profiles import get_profile
 from ..train.supervised import TrainConfig, extract_features
 from .base import Detection, Detector

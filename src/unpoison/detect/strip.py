@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.imageset import ImageSet
-from ..defenses.base import DefenseContext, StageTimer
-from ..defenses.none import train_standard
+from ..context import DefenseContext, StageTimer, train_standard
 from ..profiles import get_profile
 from ..runtime import generator
 from ..train.supervised import TrainConfig, predict

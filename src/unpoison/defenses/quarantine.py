@@ -1,0 +1,329 @@
+"""Quarantine: set the suspects aside, let the model in training judge them, unlearn what it
+contradicts, then look once more for a backdoor learned late. The default of `unpoison train`.
+
+Why this shape (measurements in benchmarks/RESULTS.md, "default pipeline"):
+- A short plain run learns an easy trigger (a patch, a blend) within an epoch or two, and
+  seed expansion (detect/expand.py) then ranks nearly all of that poison in its top 10 %.
+  Retraining without those 10 % costs little accuracy, but the few poisoned images the
+  probe misses are enough to plant the backdoor again.
+- A model trained on the kept images, part-way through training, predicts the true class of
+  a quarantined poisoned image (it has not seen the trigger with its label), and the given
+  label of most quarantined clean images. Unlearning the contradicted ones, inside the same
+  training run, pushes the trigger away from the target as fast as the missed poison pulls
+  it there: the backdoor is never learned.
+- Some triggers (a warp) are learned late, after the probe; others hide at a low poison
+  rate. The model that labelled the quarantine is an early view of the same run: images the
+  final model fits but the early model confidently called something else, and the images
+  whose final features lie close to them, are what was learned late. When they are many,
+  a short guarded unlearning loop (D-BR's, defenses/dbr.py) removes what they taught.
+
+Stages:
+  1. probe       seed expansion on the whole set; the top `quarantine_fraction` are set aside.
+  2. train       the profile's recipe on the kept images. After `verify_at` of the epochs,
+                 the EMA model labels every image (the verdict, kept in the checkpoint). In
+                 each label group of the quarantine whose contradiction rate is well above
+                 the kept images' error rate, the contradicted images are unlearned from then
+                 on: each batch carries a share of them with a margin loss that pushes their
+                 given label a logit below the best other class.
+  3. recheck     late = fitted by the final model, contradicted by the verdict, and among the
+                 `recheck_fraction` closest (final features) to the most confidently
+                 contradicted of them.
+  4. repair      when late is at least `repair_min_fraction` of the set: D-BR's alternating
+                 loop, ascent on late, descent on a random share of the kept images.
+
+The defence never sees the poison mask. Settings are typed; `for_profile` gives the measured
+defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.batches import batch_indices
+from ..data.imageset import ImageSet
+from ..detect.expand import ExpandConfig, SeedExpansion, seed_similarity
+from ..detect.fct import SampleSplit
+from ..profiles import get_profile
+from ..runtime import generator
+from ..train.engine import Engine
+from ..train.supervised import DeviceData, TrainConfig, extract_features, predict
+from .base import Defense, DefenseContext, DefenseResult, StageTimer
+from .dbr import DBRConfig, unlearn_relearn, unlearning_loss
+from .none import train_standard
+
+MIN_PER_CLASS = 10   # below this many images in a class the probe's seeds mean nothing
+MIN_REPAIR = 20      # a late set smaller than this is noise, not a backdoor worth an ascent
+
+
+@dataclass
+class QuarantineConfig:
+    probe: ExpandConfig = field(default_factory=lambda: ExpandConfig.for_profile("quick"))
+    quarantine_fraction: float = 0.10    # share of the set the probe sets aside
+    train: TrainConfig = field(default_factory=lambda: get_profile("quick").baseline)
+    verify_at: float = 0.4               # share of the training epochs before the verdict
+    unlearn_weight: float = 1.0          # weight of a contradicted image's margin loss vs a kept image's CE
+    # a label group's contradicted images are unlearned when its contradiction rate exceeds the
+    # kept images' of that label by this many standard errors (None: every contradicted image)
+    group_z: float | None = 3.0
+    recheck: bool = True
+    recheck_seed_fraction: float = 0.01  # seeds of the recheck, as a share of the set
+    recheck_fraction: float = 0.10       # how far the recheck expands from its seeds
+    repair_min_fraction: float = 0.002   # repair only when late is at least this share of the set
+    repair: DBRConfig = field(default_factory=lambda: replace(DBRConfig.for_profile("quick"), epochs=5,
+                                                              unlearn_loss="margin"))
+    trusted_fraction: float = 0.2        # kept images the repair relearns
+    # the repaired model is kept only if it fits the trusted images within this much of the
+    # model before the repair; otherwise the repair was unlearning clean images and is undone
+    repair_tolerance: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("quarantine_fraction", "verify_at", "recheck_seed_fraction", "recheck_fraction",
+                     "repair_min_fraction", "trusted_fraction"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ValueError(f"quarantine {name} must lie in [0, 1], got {value}")
+
+    @classmethod
+    def for_profile(cls, profile: str) -> "QuarantineConfig":
+        baseline = get_profile(profile).baseline
+        repair = replace(DBRConfig.for_profile(profile), epochs=5 if profile != "smoke" else 3,
+                         unlearn_loss="margin")
+        return cls(probe=ExpandConfig.for_profile(profile), train=baseline, repair=repair)
+
+
+class Verdict:
+    """The early model's view of every training image: its predicted class and the
+    probability it gives the given label. Saved with the training checkpoint."""
+
+    def __init__(self) -> None:
+        self.predicted: torch.Tensor | None = None
+        self.given_prob: torch.Tensor | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.predicted is not None
+
+    def take(self, model: nn.Module, data: ImageSet, runtime) -> None:
+        probs = torch.softmax(predict(model, data.images, runtime), dim=1)
+        self.predicted = probs.argmax(1)
+        self.given_prob = probs.gather(1, data.labels[:, None]).squeeze(1)
+
+    def state_dict(self) -> dict:
+        return {"predicted": self.predicted, "given_prob": self.given_prob}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.predicted, self.given_prob = state["predicted"], state["given_prob"]
+
+
+def contradicted_groups(contradicted: torch.Tensor, quarantined: torch.Tensor, labels: torch.Tensor,
+                        num_classes: int, z: float | None = 3.0) -> tuple[torch.Tensor, list[dict]]:
+    """Which quarantined images to unlearn (bool mask) and the per-label table behind it.
+
+    A quarantined image the early model contradicts is either poison (its trigger not yet
+    learned) or a clean image that is hard or mislabelled. The kept images of the same label
+    say how often the second happens; a label group whose quarantined images are contradicted
+    more often than that, by `z` standard errors, holds poison, and its contradicted images
+    are unlearned. z=None unlearns every contradicted quarantined image."""
+    unlearn = torch.zeros_like(quarantined)
+    table = []
+    for c in range(num_classes):
+        group = quarantined & (labels == c)
+        if not group.any():
+            continue
+        kept = ~quarantined & (labels == c)
+        error = float(contradicted[kept].float().mean()) if kept.any() else 0.0
+        rate = float(contradicted[group].float().mean())
+        spread = (max(error * (1 - error), 1e-4) / int(group.sum())) ** 0.5
+        chosen = z is None or rate > error + z * spread
+        if chosen:
+            unlearn |= group & contradicted
+        table.append({"label": c, "quarantined": int(group.sum()), "contradicted_rate": round(rate, 4),
+                      "kept_error": round(error, 4), "unlearned": chosen})
+    return unlearn, table
+
+
+def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, quarantined: torch.Tensor,
+                          ctx: DefenseContext, cfg: QuarantineConfig, name: str = "train") -> tuple[nn.Module, Verdict, torch.Tensor, list[dict]]:
+    """Stage 2: train on the kept images; from the verdict on, unlearn the contradicted
+    quarantined images in the same batches. Returns (model, verdict, unlearned mask, groups)."""
+    recipe = cfg.train
+    kept_index = kept.nonzero().flatten()
+    steps = -(-len(kept_index) // recipe.batch_size)
+    verdict = Verdict()
+    engine = Engine(model, recipe.optim, ctx.runtime, name=name, epochs=recipe.epochs, steps_per_epoch=steps,
+                    seed=ctx.seed, checkpoint_dir=ctx.checkpoints(), ema_decay=recipe.ema_decay,
+                    extra_state={"verdict": verdict}, log_path=ctx.log_path, on_epoch_end=ctx.epoch_hook(name),
+                    progress=ctx.progress)
+    device_data = DeviceData(data, ctx.runtime)
+    verify_epoch = max(1, round(cfg.verify_at * recipe.epochs))   # the verdict comes before this epoch
+    state: dict = {}
+
+    def unlearn_set() -> torch.Tensor:
+        if "unlearn" not in state:
+            contradicted = verdict.predicted != data.labels
+            state["unlearn"], state["groups"] = contradicted_groups(contradicted, quarantined, data.labels,
+                                                                    data.num_classes, cfg.group_z)
+        return state["unlearn"].nonzero().flatten()
+
+    def epoch_fn(engine: Engine, epoch: int, g: torch.Generator) -> dict:
+        if epoch >= verify_epoch and not verdict.ready:
+            verdict.take(engine.eval_model, data, ctx.runtime)
+        unlearn_index = unlearn_set() if verdict.ready else torch.empty(0, dtype=torch.long)
+        kept_batches = [kept_index[b] for b in batch_indices(len(kept_index), recipe.batch_size, g)]
+        shares = torch.tensor_split(unlearn_index[torch.randperm(len(unlearn_index), generator=g)], len(kept_batches))
+
+        def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            kept_batch, share = batch
+            x, y = device_data.batch(torch.cat([kept_batch, share]), recipe.augment, g)
+            logits = engine.model(x)
+            n_kept = len(kept_batch)
+            loss = F.cross_entropy(logits[:n_kept], y[:n_kept], label_smoothing=recipe.label_smoothing)
+            if len(share):
+                unlearned = unlearning_loss(logits[n_kept:], y[n_kept:], "margin", None)
+                loss = loss + cfg.unlearn_weight * unlearned * len(share) / n_kept
+            return loss
+
+        engine.run_pass(list(zip(kept_batches, shares)), loss_fn)
+        return {"unlearning": int(len(unlearn_index))}
+
+    trained = engine.fit(epoch_fn).eval()
+    if not verdict.ready:   # fewer epochs than the verdict needs: judge with the final model
+        verdict.take(trained, data, ctx.runtime)
+    unlearn_set()
+    return trained, verdict, state["unlearn"], state["groups"]
+
+
+def late_learned(model: nn.Module, data: ImageSet, verdict: Verdict, quarantined: torch.Tensor,
+                 ctx: DefenseContext, cfg: QuarantineConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 3: (late mask, recheck score). Late = images the final model fits that the early
+    model contradicted, among the `recheck_fraction` whose final features lie closest to the
+    most confidently contradicted of them (seed expansion again, seeded by disagreement)."""
+    fitted = predict(model, data.images, ctx.runtime).argmax(1) == data.labels
+    contradicted = verdict.predicted != data.labels
+    candidates = fitted & contradicted & ~quarantined
+    score = torch.zeros(len(data))
+    n_seeds = min(int(candidates.sum()), max(2, int(round(len(data) * cfg.recheck_seed_fraction))))
+    if n_seeds < 2:
+        return torch.zeros(len(data), dtype=torch.bool), score
+    candidate_index = candidates.nonzero().flatten()
+    # most confidently contradicted first: the lowest probability the early model gave the label
+    seeds = candidate_index[torch.argsort(verdict.given_prob[candidate_index], stable=True)[:n_seeds]]
+    score = seed_similarity(extract_features(model, data.images, ctx.runtime), seeds, cfg.probe.neighbours)
+    top = torch.zeros(len(data), dtype=torch.bool)
+    top[torch.argsort(score, descending=True, stable=True)[: int(round(len(data) * cfg.recheck_fraction))]] = True
+    return top & candidates, score
+
+
+class Quarantine(Defense):
+    name = "quarantine"
+    Config = QuarantineConfig
+
+    def fit(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
+        cfg = self.config
+        timer = StageTimer(ctx)
+        cannot = self.cannot_judge(data)
+        if cannot:
+            model = timer.run("train", cfg.train.epochs, lambda: train_standard(data, ctx, cfg.train))
+            return DefenseResult(model, stages=timer.records, notes=[f"{cannot}; trained on every image without a defence"])
+
+        detection = SeedExpansion(cfg.probe).detect(data, ctx)
+        timer.records.extend(detection.stages)
+        quarantined = torch.zeros(len(data), dtype=torch.bool)
+        quarantined[torch.argsort(detection.scores, descending=True, stable=True)[
+            : int(round(len(data) * cfg.quarantine_fraction))]] = True
+        kept = ~quarantined
+
+        model, verdict, unlearned, groups = timer.run(
+            "train", cfg.train.epochs,
+            lambda: train_with_unlearning(ctx.new_model(data), data, kept, quarantined, ctx, cfg),
+            model_of=lambda out: out[0])
+        # plain training's cost is estimated from this stage: it trained on the kept images
+        # and carried the unlearned ones in its batches
+        verify_epoch = max(1, round(cfg.verify_at * cfg.train.epochs))
+        carried = int(unlearned.sum()) * max(0, cfg.train.epochs - verify_epoch) / max(1, cfg.train.epochs)
+        timer.records[-1]["images_per_epoch"] = int(kept.sum()) + round(carried)
+
+        late = torch.zeros(len(data), dtype=torch.bool)
+        recheck_score = torch.zeros(len(data))
+        if cfg.recheck:
+            late, recheck_score = timer.run("recheck", 0, lambda: late_learned(model, data, verdict, quarantined, ctx, cfg))
+        repaired = bool(late.sum() >= max(MIN_REPAIR, cfg.repair_min_fraction * len(data)))
+        undone = False
+        if repaired:
+            model, undone = timer.run("repair", cfg.repair.epochs, lambda: self.repair(model, data, kept, late,
+                                                                                        recheck_score, ctx),
+                                      model_of=lambda out: out[0])
+            repaired = not undone
+
+        # ranking for suspects.csv: unlearned quarantine, then late, then the probe's order
+        probe_rank = torch.argsort(torch.argsort(detection.scores, stable=True)).float() / max(1, len(data) - 1)
+        suspicion = probe_rank + unlearned.float() * 2 + late.float()
+        flagged = quarantined | late
+        trusted = kept & ~late
+        notes = self.explain(data, quarantined, unlearned, late, repaired, undone, groups)
+        return DefenseResult(model, suspicion=suspicion, flagged=flagged, trusted=trusted, stages=timer.records,
+                             notes=notes)
+
+    def repair(self, model: nn.Module, data: ImageSet, kept: torch.Tensor, late: torch.Tensor,
+               recheck_score: torch.Tensor, ctx: DefenseContext) -> tuple[nn.Module, bool]:
+        """Stage 4: D-BR's loop, ascent on the late set, descent on a random share of the kept
+        images. Returns (model, undone): the input model when the repair cost the trusted
+        images more than `repair_tolerance` of their accuracy."""
+        cfg = self.config
+        g = generator(ctx.seed, "quarantine-trusted")
+        pool = (kept & ~late).nonzero().flatten()
+        trusted = torch.zeros(len(data), dtype=torch.bool)
+        trusted[pool[torch.randperm(len(pool), generator=g)[: int(round(len(pool) * cfg.trusted_fraction))]]] = True
+        split = SampleSplit(scores=recheck_score, clean=trusted, poisoned=late)
+        repaired = unlearn_relearn(copy.deepcopy(model).requires_grad_(True), data, split, ctx, cfg.repair,
+                                   name="repair")
+        trusted_set = data.subset(trusted.nonzero().flatten())
+        before, after = (float((predict(m, trusted_set.images, ctx.runtime).argmax(1) == trusted_set.labels)
+                               .float().mean()) for m in (model, repaired))
+        if after < before - cfg.repair_tolerance:
+            return model, True
+        return repaired, False
+
+    @staticmethod
+    def cannot_judge(data: ImageSet) -> str | None:
+        """Why the probe cannot judge this set, in a user's words, or None."""
+        counts = torch.bincount(data.labels, minlength=data.num_classes)
+        present = int((counts > 0).sum())
+        if present < 2:
+            return "the set has a single class, so an image's label cannot disagree with what it shows"
+        smallest = int(counts[counts > 0].min())
+        if smallest < MIN_PER_CLASS:
+            return (f"a class has only {smallest} images (the probe needs at least {MIN_PER_CLASS} per class "
+                    f"to tell a planted pattern from the class itself)")
+        return None
+
+    def explain(self, data: ImageSet, quarantined, unlearned, late, repaired, undone, groups) -> list[str]:
+        names = data.classes if data.classes else [str(c) for c in range(data.num_classes)]
+        n = len(data)
+        notes = [f"set aside {int(quarantined.sum())} of {n} images ({quarantined.float().mean():.1%}) before training"]
+        held = [g for g in groups if g["unlearned"]]
+        if held:
+            shown = ", ".join(f"'{names[g['label']]}' ({g['contradicted_rate']:.0%} of {g['quarantined']}, against "
+                              f"{g['kept_error']:.0%} of the kept images)" for g in held)
+            notes.append(f"the model in training contradicted the labels of the set-aside images of {shown}: "
+                         f"those {int(unlearned.sum())} images were unlearned (a label the images do not support "
+                         f"is what a planted trigger teaches)")
+        else:
+            notes.append("no label among the set-aside images stood out: the model in training contradicted them "
+                         "no more often than the kept images of their class, so nothing was unlearned during "
+                         "training (they were left out)")
+        if repaired:
+            notes.append(f"after training, {int(late.sum())} images learned late and unlike what the early model saw "
+                         f"were unlearned in a short repair")
+        elif undone:
+            notes.append(f"after training, {int(late.sum())} images looked learned late, but unlearning them cost "
+                         f"the model accuracy on images it trusts: the repair was undone (they were clean)")
+        elif late.any():
+            notes.append(f"after training, {int(late.sum())} images looked learned late: too few to repair "
+                         f"(fewer than {MIN_REPAIR} images or {self.config.repair_min_fraction:.1%} of the set)")
+        return notes

@@ -1,0 +1,112 @@
+"""The default defence (defenses/quarantine.py) on the tiny backdoor and on user folders."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from toy_backdoor import tiny_backdoor, train_toy_backdoored
+from unpoison.defenses import build_defense
+from unpoison.defenses.base import DefenseContext
+from unpoison.defenses.quarantine import QuarantineConfig, Quarantine, contradicted_groups
+from unpoison.data.imageset import ImageSet
+from unpoison.metrics import backdoor_metrics
+from unpoison.runtime import Runtime
+from unpoison.train import OptimConfig, TrainConfig
+from userdata import SMOKE, make_folder, unpoison
+
+CPU = Runtime.create("cpu", "fp32")
+# the toy's recipe (no augmentation: a flip moves the grid to the other corner), with which
+# plain training learns the backdoor (toy_backdoor.train_toy_backdoored)
+TOY_RECIPE = TrainConfig(epochs=4, batch_size=32, augment="none", optim=OptimConfig(lr=0.05, schedule="constant"))
+
+
+def _ctx(tmp_path: Path) -> DefenseContext:
+    return DefenseContext(CPU, "smoke", 0, "wrn16-1", tmp_path, progress=False)
+
+
+class WatchedSet(ImageSet):
+    """An ImageSet that fails the test if anything asks it for a poison mask."""
+
+    def __getattr__(self, name):
+        if "poison" in name:
+            raise AssertionError(f"the defence asked the training set for {name!r}")
+        raise AttributeError(name)
+
+
+def test_contradicted_groups_unlearn_labels_contradicted_beyond_their_kept_images_error():
+    labels = torch.tensor([0] * 20 + [1] * 20 + [0] * 40 + [1] * 40)
+    quarantined = torch.zeros(120, dtype=torch.bool)
+    quarantined[:40] = True
+    contradicted = torch.zeros(120, dtype=torch.bool)
+    contradicted[:12] = True         # label 0: 12 of 20 quarantined contradicted (poison)
+    contradicted[20:24] = True       # label 1: 4 of 20, as often as its kept images
+    contradicted[40:48] = True       # kept label 0: 20 % error
+    contradicted[80:88] = True       # kept label 1: 20 % error
+    unlearn, table = contradicted_groups(contradicted, quarantined, labels, 2)
+    assert unlearn.nonzero().flatten().tolist() == list(range(12))
+    assert [(g["kept_error"], g["contradicted_rate"], g["unlearned"]) for g in table] == [
+        (0.2, 0.6, True), (0.2, 0.2, False)]
+    everything, _ = contradicted_groups(contradicted, quarantined, labels, 2, z=None)
+    assert everything.nonzero().flatten().tolist() == list(range(12)) + [20, 21, 22, 23]
+
+
+def test_quarantine_removes_the_toy_backdoor_that_plain_training_learns(tmp_path):
+    poisoned, attack, test = tiny_backdoor()
+    plain = backdoor_metrics(train_toy_backdoored(poisoned), test, attack, CPU)
+    assert plain["asr"] > 0.9
+    defense = build_defense("quarantine", "smoke")
+    # the smoke probe (3 SL epochs) ranks only ~2/3 of the toy poison in its top 10 %
+    defense.config = replace(defense.config, train=TOY_RECIPE, quarantine_fraction=0.2)
+    data = poisoned.untrusted()
+    watched = WatchedSet(data.images, data.labels, data.classes, data.paths)
+    result = defense.fit(watched, _ctx(tmp_path))
+    after = backdoor_metrics(result.model, test, attack, CPU)
+    assert after["asr"] < 0.1 and after["clean_acc"] > plain["clean_acc"] - 0.1
+    # it set aside most of the poison (a third stayed in training: the unlearning held it
+    # off), and the unlearned poison ranks first in suspects.csv
+    assert int((result.flagged & poisoned.is_poison).sum()) >= 0.6 * poisoned.n_poisoned
+    top = torch.argsort(result.suspicion, descending=True)[:30]
+    assert poisoned.is_poison[top].float().mean() > 0.7
+    assert not (result.trusted & result.flagged).any()
+    assert [s["name"] for s in result.stages][:2] == ["SL", "train"]
+    assert any("set aside" in note for note in result.notes)
+
+
+@pytest.mark.parametrize("counts, words", [((40,), "single class"), ((40, 5), "only 5 images")])
+def test_on_data_it_cannot_judge_it_says_so_and_trains_plainly(tmp_path, counts, words):
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    images = torch.randint(0, 255, (len(labels), 3, 16, 16), dtype=torch.uint8)
+    data = ImageSet(images, labels, ["a", "b"][: max(2, len(counts))])
+    result = build_defense("quarantine", "smoke").fit(data, _ctx(tmp_path))
+    assert len(result.notes) == 1 and words in result.notes[0] and "without a defence" in result.notes[0]
+    assert [s["name"] for s in result.stages] == ["train"] and result.model is not None
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="verify_at"):
+        QuarantineConfig(verify_at=1.5)
+    assert Quarantine.for_profile("quick").config.train.epochs == 10
+
+
+def test_train_defaults_to_quarantine_and_says_what_it_did(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", per_class=40, poison=8)
+    out = tmp_path / "out"
+    assert unpoison("train", "--data", data, "--out", out, *SMOKE) == 0
+    record = json.loads((out / "train.json").read_text())
+    assert record["defense"] == "quarantine" and record["n_flagged"] > 0
+    said = capsys.readouterr().out
+    assert "[quarantine] done in" in said and "Plain training of the same model would take about" in said
+    assert "set aside" in said and f"{out}/suspects.csv" in said and f"{out}/report.html" in said
+
+
+def test_train_killed_mid_epoch_after_the_verdict_resumes_to_identical_outputs(tmp_path, monkeypatch):
+    from test_workflow import _assert_same_outputs, _reference_and_killed
+
+    data = make_folder(tmp_path / "data", per_class=30, poison=6)
+    # 81 training images less the 10 % set aside, batch 64: 2 steps per epoch; the verdict
+    # comes after epoch 2 of 4 (verify_at 0.4 of 4 rounds to 2), step 6 is inside epoch 3
+    _reference_and_killed(tmp_path, monkeypatch, data, ("--epochs", "4"), "train", 6)
+    _assert_same_outputs(tmp_path / "a", tmp_path / "b")
