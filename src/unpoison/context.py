@@ -39,6 +39,10 @@ class DefenseContext:
     # `shared_model(key, build)`, usually `ModelCache.shared_model`
     shared_model: Callable[[dict, Callable[[], nn.Module]], nn.Module] | None = None
     log_path: Path | None = None
+    # images known to be clean, for the post-training repair baselines only (FT, FP, NAD,
+    # ANP, MCR): the runner draws it from unpoisoned training images when the defence asks
+    # for one (`needs_clean_reference`); None otherwise
+    clean_reference: ImageSet | None = None
 
     def new_model(self, data: ImageSet, name: str | None = None, role: str = "model") -> Classifier:
         """A freshly initialised model; its initial weights depend only on (seed, role)."""

@@ -63,6 +63,8 @@ class RunConfig:
     detector: str | None = None  # a detection-only run: this detector instead of a defence
     detector_params: dict[str, Any] = field(default_factory=dict)
     report: bool = True          # write OUT/report.html at the end (a second or two)
+    clean_fraction: float = 0.05  # clean reference for the repair baselines: this share of the
+                                  # training set, drawn from unpoisoned images
 
 
 class Monitor:
@@ -189,6 +191,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     cache = artifacts.ModelCache.for_context(ctx, untrusted, enabled=cfg.share_models)
     ctx.shared_model = cache.shared_model
 
+    if defense.needs_clean_reference and not cfg.detector:
+        ctx.clean_reference = poisoned.clean_reference(cfg.clean_fraction, generator(cfg.seed, "clean-reference"))
+        print(f"[run] clean reference: {len(ctx.clean_reference)} unpoisoned training images "
+              f"({cfg.clean_fraction:.0%}), the repair method's only clean data", file=sys.stderr)
     detector = build_detector(cfg.detector, cfg.profile, **cfg.detector_params) if cfg.detector else None
     result = detect(detector, untrusted, ctx) if detector else defense.fit(untrusted, ctx)
 
@@ -205,6 +211,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "attack_config": attack.describe(), "defense_config": defense.describe(),
         "profile_note": profile.note, "environment": environment(),
         "reused_models": clean_cache.reused + cache.reused, "notes": result.notes, "deviations": deviations,
+        **({"n_clean_reference": len(ctx.clean_reference)} if ctx.clean_reference is not None else {}),
         **({"detector": cfg.detector, "detector_config": detector.describe()} if detector else {}),
     }
     scores = None

@@ -37,6 +37,7 @@ class Defense:
     Config: type = object
     main_epochs = "train.epochs"   # the setting `--epochs` changes
     paper_model = "wrn16-1"        # the paper's network, where the config has no `model` of its own
+    needs_clean_reference = False  # True: the runner supplies ctx.clean_reference
 
     def __init__(self, config: Any) -> None:
         self.config = config
