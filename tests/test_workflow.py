@@ -249,7 +249,7 @@ def test_multi_stage_defence_killed_in_a_later_stage_resumes_identically(tmp_pat
     # relearn step per epoch): its 4th step is mid-epoch, after both earlier stages finished
     # (the unlearned rule off: on this folder it may end the loop after the first epoch; the
     # stall rule stays on, and its decision after epoch 2 reads epoch 1 from the checkpoint)
-    _reference_and_killed(tmp_path, monkeypatch, data, ("--defense", "dbr", "--set", "stop_when_unlearned=false"),
+    _reference_and_killed(tmp_path, monkeypatch, data, ("--defense", "dbr", "--set", "unlearn.stop=never"),
                           "dbr", 4)
     _assert_same_outputs(tmp_path / "a", tmp_path / "b")
     assert json.loads((tmp_path / "b" / "train.json").read_text())["n_flagged"] > 0

@@ -180,6 +180,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     untrusted = poisoned.untrusted()
 
     defense = build_defense(cfg.defense, cfg.profile, **cfg.defense_params)
+    # every setting that is not the paper's, by its --set name (the paper profile lists none)
+    deviations = [] if cfg.detector else defense.deviations(cfg.model)
+    for line in deviations:
+        print(f"[run] not the paper's setting: {line}", file=sys.stderr)
     every_epoch = cfg.monitor == "epochs" or (cfg.monitor == "auto" and profile.monitor_every_epoch)
     monitor = Monitor(test, attack, poisoned, runtime, every_epoch, cfg.seed, journal=out / MONITOR_JOURNAL,
                       resume=cfg.resume, started=start)
@@ -206,7 +210,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "stages": stages,
         "attack_config": attack.describe(), "defense_config": defense.describe(),
         "profile_note": profile.note, "environment": environment(),
-        "reused_models": clean_cache.reused + cache.reused, "notes": result.notes,
+        "reused_models": clean_cache.reused + cache.reused, "notes": result.notes, "deviations": deviations,
         **({"n_clean_reference": len(ctx.clean_reference)} if ctx.clean_reference is not None else {}),
         **({"detector": cfg.detector, "detector_config": detector.describe()} if detector else {}),
     }
