@@ -50,3 +50,16 @@ def test_strip_overlay_saturates_and_threshold_ignores_a_minority():
     entropy = torch.cat([torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 0.1 + 3,
                          torch.zeros(100)])
     assert 2.6 < robust_threshold(entropy) < 2.9
+
+
+def test_a_grid_lists_detectors_as_detection_only_cells():
+    from unpoison.bench import Grid, check_cells
+
+    grid = Grid.from_dict({"attacks": ["badnets"], "defenses": ["none", "ft"], "detectors": ["ac", "strip"],
+                           "overrides": [{"where": {"defense": "detect-ac"}, "set": {"reduction": "pca"}}]})
+    cells = grid.cells()
+    assert [c.defense for c in cells] == ["none", "ft", "detect-ac", "detect-strip"]
+    ac = cells[2]
+    assert (ac.defense_name, ac.detector, ac.detector_params, ac.defense_params) == ("none", "ac", {"reduction": "pca"}, {})
+    assert ac.spec()["detector"] == "ac" and "detector" not in cells[0].spec()
+    assert check_cells(cells) == []

@@ -97,3 +97,27 @@ def test_run_draws_the_clean_reference_for_a_repair_baseline_only(tmp_path):
     assert metrics["n_clean_reference"] == round(0.2 * metrics["n_train"])
     assert [s["name"] for s in metrics["stages"]] == ["train", "finetune"]
     assert "n_clean_reference" not in run(RunConfig(out=str(tmp_path / "none"), **base))
+
+
+def test_repair_command_with_a_baseline_reads_the_clean_folder_only(tmp_path):
+    import json
+
+    from userdata import CLASSES, SMOKE, make_folder, unpoison
+
+    data = make_folder(tmp_path / "data", per_class=12, poison=2)
+    backdoored = tmp_path / "backdoored"
+    assert unpoison("train", "--data", data, "--out", backdoored, "--defense", "none", *SMOKE) == 0
+    out = tmp_path / "repaired"
+    # no --clean: a clear error, exit code 2
+    assert unpoison("repair", "--model", backdoored / "model.pt", "--data", data, "--out", out,
+                    "--method", "ft", *SMOKE) == 2
+    clean = make_folder(tmp_path / "clean", per_class=8, seed=1)
+    assert unpoison("repair", "--model", backdoored / "model.pt", "--data", data, "--out", out,
+                    "--method", "ft", "--clean", clean, *SMOKE) == 0
+    record = json.loads((out / "repair.json").read_text())
+    assert record["defense"] == "ft" and record["defense_config"]["name"] == "ft"
+    assert record["clean"] == str(clean) and any("fine-tuned" in n for n in record["notes"])
+    # a clean folder missing a class is refused before any training
+    partial = make_folder(tmp_path / "partial", per_class=8, classes=CLASSES[:2], seed=2)
+    assert unpoison("repair", "--model", backdoored / "model.pt", "--data", data, "--out", tmp_path / "r2",
+                    "--method", "ft", "--clean", partial, *SMOKE) == 2

@@ -5,6 +5,10 @@ trusted-clean images (here by the `expand` detector, `scan`'s default; the paper
 `--set sd.scorer=fct`), then alternates unlearning the first with relearning the second. The model must be an unpoison model.pt (read with weights_only=True); the data is
 the ImageFolder it was trained on (or one like it), with the model's class names.
 Writes OUT/model.pt, OUT/suspects.csv, OUT/report.html, OUT/repair.json.
+
+`--method ft|fp|nad|anp|mcr` repairs with a post-training baseline instead; these use only
+a small folder of images known to be clean (`--clean DIR`, an ImageFolder with the model's
+class names), never the untrusted data (which then only supplies the held-out split).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import replace
 from ..cli import _key_values, add_runtime_options
 from .train import add_held_out_options, write_run_report
 
+REPAIR_BASELINES = ("ft", "fp", "nad", "anp", "mcr")
 OUTPUTS = ("model.pt", "suspects.csv", "suspects.png", "scores.png", "report.html", "repair.json", "skipped.txt")
 
 
@@ -29,6 +34,11 @@ def register(sub) -> None:
     p.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="epochs of the unlearn/relearn loop")
+    p.add_argument("--method", default="dbr", choices=["dbr", *REPAIR_BASELINES],
+                   help="dbr (default: uses the untrusted data) or a baseline that uses --clean only")
+    p.add_argument("--clean", default=None,
+                   help="ImageFolder of images known to be clean, for --method ft|fp|nad|anp|mcr "
+                        "(every class; e.g. 5 %% of the training set)")
     add_held_out_options(p)
     p.add_argument("--split", default="auto", help="subfolder to use (default: train/ when present)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="defense_set",
@@ -54,6 +64,31 @@ def load_dbr():
     return module.repair, DEFENSES.get("dbr")
 
 
+def load_baseline(method: str, clean_dir: str | None):
+    """A post-training baseline as `repair(model, data, ctx, config)`: it reads the --clean
+    folder (with the model's classes) and hands the method that folder only."""
+    from pathlib import Path
+
+    from .. import workflow as wf
+    from ..defenses import DEFENSES
+    from ..defenses.posttraining import check_clean_reference
+
+    if clean_dir is None:
+        raise wf.UserError(f"--method {method} repairs with a small folder of images known to be clean: "
+                           "pass --clean DIR (an ImageFolder with the model's class names)")
+    path = Path(clean_dir).expanduser()
+    if not path.exists():
+        raise wf.UserError(f"--clean {path} does not exist")
+    defense_class = DEFENSES.get(method)
+
+    def repair(model, data, ctx, config):
+        clean = wf.load_folder(path, None, data.image_size, classes=list(data.classes), what="clean")
+        clean = check_clean_reference(clean, data.num_classes, config.min_clean, method.upper())
+        return defense_class(config).repair(model, clean, ctx)
+
+    return repair, defense_class
+
+
 def cmd_repair(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -71,7 +106,10 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     data_path, out = wf.check_paths(args.data, args.out)
-    repair, dbr_class = load_dbr()
+    if args.method == "dbr":
+        repair, dbr_class = load_dbr()
+    else:
+        repair, dbr_class = load_baseline(args.method, args.clean)
     params = _key_values(args.defense_set)
     if args.epochs is not None:
         params[dbr_class.main_epochs] = args.epochs
@@ -93,6 +131,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     data = wf.load_training_data(data_path, args.split, size, args.val_split, args.test, args.seed, classes=classes)
     wf.write_skipped(out, data.skipped)
     wf.check_resume(out, args.resume, {"command": "repair", "data": dataset_digest(data.train),
+                                       "method": args.method, "clean": args.clean,
                                        "repaired_model": hash_path(Path(args.model).expanduser()),
                                        "config": _plain(config), "profile": args.profile, "seed": args.seed})
     unknown = [s for s in data.train.skipped if "not one of the known classes" in s]
@@ -119,7 +158,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     flagged = result.flagged.bool().cpu() if result.flagged is not None else None
     summary = wf.flag_summary(data.train, flagged) if flagged is not None else None
     record = {
-        "command": "repair", "data": data.source, "defense": "dbr", "model": architecture,
+        "command": "repair", "data": data.source, "defense": args.method, "clean": args.clean, "model": architecture,
         "repaired_model": str(args.model), "profile": args.profile, "profile_note": profile.note,
         "seed": args.seed, "n_train": len(data.train), "classes": classes,
         "class_sizes": dict(zip(classes, data.train.class_counts().tolist())), "held_out": data.held_out_source,
@@ -129,7 +168,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
         "flagged_concentrate_in": summary["concentrated_in"] if summary else None,
         "n_skipped": len(data.skipped), "warnings": data.warnings, "resize_policy": wf.resize_policy(size),
         "stages": result.stages, "notes": result.notes,
-        "defense_config": {"name": "dbr", **_plain(config)}, "device": runtime.describe(),
+        "defense_config": {"name": args.method, **_plain(config)}, "device": runtime.describe(),
         "environment": environment(), "wall_seconds": round(time.perf_counter() - start, 1),
     }
     metadata = {k: record[k] for k in ("command", "data", "repaired_model", "profile", "seed", "held_out",
@@ -141,7 +180,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
         wf.save_suspect_grid(out / "suspects.png", data.train, scores, flagged)
         wf.save_score_histogram(out / "scores.png", scores, flagged)
     wf.write_summary(out / "repair.json", record)
-    write_run_report(out, "unpoison repair (D-BR)", record, summary, monitor.curves())
+    write_run_report(out, f"unpoison repair ({'D-BR' if args.method == 'dbr' else args.method.upper()})", record, summary, monitor.curves())
 
     fmt = lambda v: f"{v:.4f}" if v is not None else "n/a"  # noqa: E731
     print(f"held-out accuracy: {fmt(before)} before, {fmt(after)} after repair ({data.held_out_source})")

@@ -21,6 +21,9 @@ DEFENSES = Registry("defense", __name__, {
     "nad": "nad:NAD",
     "anp": "anp:ANP",
     "mcr": "mcr:MCR",
+    # training-time baselines
+    "dbd": "dbd:DBD",
+    "asd": "asd:ASD",
 })
 
 
