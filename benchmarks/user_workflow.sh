@@ -3,7 +3,7 @@
 # `unpoison poison`; the ground truth (manifest.json) is read only by the measuring script.
 #
 #   benchmarks/user_workflow.sh ATTACK scan  [ROOT]   poison (once) -> scan -> recall of the flagged set
-#   benchmarks/user_workflow.sh ATTACK train [ROOT]   poison (once) -> train --defense dlp -> predict -> ASR, CA
+#   benchmarks/user_workflow.sh ATTACK train [ROOT]   poison (once) -> train (default defence) -> predict -> ASR, CA
 #
 # ROOT defaults to runs/user-ATTACK. Extra flags for scan/train: SCAN_ARGS / TRAIN_ARGS.
 # Set UNPOISON (the command) and PYTHON to use a particular install.
@@ -30,7 +30,7 @@ case "$stage" in
     ;;
   train)
     # held-out accuracy comes from poisoned/test (picked up automatically next to train/)
-    time $U train --data "$root/poisoned" --out "$root/train" --defense dlp --profile quick --no-progress \
+    time $U train --data "$root/poisoned" --out "$root/train" --profile quick --no-progress \
       ${TRAIN_ARGS:-}
     $U predict --model "$root/train" --data "$root/poisoned/test_triggered" --out "$root/train/preds-triggered.csv"
     $U predict --model "$root/train" --data "$root/poisoned/test" --out "$root/train/preds-test.csv"

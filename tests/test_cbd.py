@@ -132,10 +132,52 @@ def test_mi_switch_is_a_config_field_recorded_in_describe():
     assert CBD.for_profile("paper").config.mi is True
     off = build_defense("cbd", "quick", mi="off")
     assert off.config.mi is False and off.describe()["mi"] is False
+
+
+def test_paper_profile_is_the_official_code():
+    """Spec §2.3-2.5: WRN-16-1; f_B 5 epochs of CE at a constant lr 0.1 (Nesterov, wd 1e-4,
+    batch 64, crop+flip+cutout); f_C 100 epochs, batch 64, lr 0.1 -> 0.01 at 20 -> 0.001 at 70;
+    critic Adam lr 0.2 with StepLR(20, 0.1) stepped at each epoch's start; MI scale 0.01, weight 1."""
+    cbd = CBD.for_profile("paper")
+    paper = cbd.config
+    b = paper.backdoored
+    assert (b.epochs, b.batch_size, b.augment, b.optim.lr, b.optim.schedule, b.optim.nesterov, b.optim.weight_decay) == (
+        5, 64, "weak+cutout", 0.1, "constant", True, 1e-4)
+    assert paper.backdoored_epochs == 5 and paper.backdoored_fraction == 1.0
+    assert (paper.epochs, paper.batch_size, paper.augment) == (100, 64, "weak+cutout")
+    assert paper.optim.lr == 0.1 and paper.optim.nesterov and paper.optim.weight_decay == 1e-4
+    assert tuple(f * paper.epochs for f in paper.lr_drops) == (20, 70) and paper.optim.gamma == 0.1
+    assert (paper.critic_lr, paper.mi_scale, paper.mi_weight, paper.critic_dropout, paper.mi) == (0.2, 0.01, 1.0, 0.2, True)
+    # StepLR(20) stepped at the start of each epoch: epochs 0-18 at 0.2, 19-38 at 0.02, ...
+    assert [round(paper.critic_lr_at(e), 8) for e in (0, 18, 19, 38, 39)] == [0.2, 0.2, 0.02, 0.02, 0.002]
+    assert cbd.deviations("wrn16-1") == []
+
+
+@pytest.mark.parametrize("epochs", [10, 20, 40])
+def test_quick_keeps_the_papers_ratios_to_f_c_length(epochs):
+    """f_B: 5 of f_C's 100 epochs, so half an epoch for the quick 10 (1 at 20, 2 at 40); the
+    critic's lr steps at the same fractions of f_C's training as in the paper."""
+    quick = build_defense("cbd", "quick", epochs=epochs).config
     paper = CBDConfig.for_profile("paper")
-    assert paper.epochs == 100 and paper.backdoored.epochs == 5 and paper.batch_size == 64
-    assert paper.lr_drops == (0.2, 0.7) and paper.optim.lr == 0.1 and paper.optim.nesterov
-    assert paper.critic_lr == 0.2 and paper.mi_scale == 0.01
+    assert quick.backdoored_epochs / quick.epochs == pytest.approx(5 / 100)
+    assert quick.backdoored_fraction == min(1.0, epochs / 20)
+    assert quick.backdoored.epochs == max(1, round(epochs / 20))
+    for e in range(quick.epochs):
+        assert quick.critic_lr_at(e) == pytest.approx(paper.critic_lr_at(e * 100 // quick.epochs))
+
+
+def test_f_b_shorter_than_an_epoch_sees_that_share_of_the_set_once(tmp_path, cpu, monkeypatch):
+    import unpoison.context as none_module
+
+    seen = []
+    real = none_module.train_supervised
+    monkeypatch.setattr(none_module, "train_supervised",
+                        lambda model, data, cfg, *a, **k: seen.append((len(data), cfg.epochs)) or real(model, data, cfg, *a, **k))
+    data = toy_dataset(128, 4)
+    config = _tiny_config()
+    config.backdoored.epochs = 1
+    train_backdoored(data, _context(tmp_path, cpu), config.backdoored, fraction=0.5)
+    assert seen == [(64, 1)]
 
 
 def _hard_toy(n: int, size: int = 8, classes: int = 4, seed: int = 0) -> ImageSet:

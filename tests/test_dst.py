@@ -21,6 +21,28 @@ def test_configs_follow_the_paper():
     assert (paper.cls_epochs, paper.cls_optim.lr, paper.cls_optim.weight_decay) == (10, 5.0, 0.0)
     assert not paper.strict_positives
     assert build_defense("dst", "quick", strict_positives=True).config.strict_positives
+    # the encoder is the paper's SupCon ResNet-18 (no stem max-pool) whatever --model says
+    assert paper.model == "resnet18"
+    o = paper.ctl_optim
+    assert (o.warmup_epochs, o.schedule, o.weight_decay, paper.projection_dim) == (10, "cosine", 1e-4, 128)
+    assert build_defense("dst", "paper").deviations("wrn16-1") == []
+    assert "model: 'wrn16-1' (paper: 'resnet18')" in build_defense("dst", "quick").deviations("wrn16-1")
+
+
+def test_encoder_is_built_from_the_config_model(tmp_path, monkeypatch):
+    from unpoison.defenses import dst as dst_module
+    from unpoison.models import ResNet18
+
+    built = []
+    monkeypatch.setattr(dst_module, "ContrastiveNet", lambda model, dim: built.append(model) or (_ for _ in ()).throw(
+        RuntimeError("stop")))
+    poisoned, _, _ = tiny_backdoor(64, 8)
+    ctx = DefenseContext(CPU, "smoke", 0, "wrn16-1", Path(tmp_path), progress=False)
+    cfg = build_defense("dst", "smoke", model="resnet18").config
+    split = dst_module.SampleSplit(torch.zeros(64), torch.ones(64, dtype=torch.bool), torch.zeros(64, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="stop"):
+        dst_module.train_extractor(poisoned.untrusted(), split, ctx, cfg)
+    assert isinstance(built[0], ResNet18)
 
 
 def test_smoke_dst_lowers_asr_against_a_tiny_backdoor(tmp_path):

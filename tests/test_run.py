@@ -16,12 +16,15 @@ def test_run_writes_the_metrics_contract(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "unpoison.cli", "run", "--profile", "smoke", "--attack", "badnets",
            "--out", str(out), "--data-root", str(data_root()), "--no-progress", "--device", "cpu"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     metrics = json.loads((out / "metrics.json").read_text())
     assert CONTRACT <= set(metrics)
     assert metrics["profile"] == "smoke" and metrics["n_train"] == 512 and metrics["n_poisoned"] == 51
     assert 0 <= metrics["clean_acc"] <= 1 and 0 <= metrics["asr"] <= 1
     assert metrics["stages"][0]["name"] == "train" and {"seconds", "epochs"} <= set(metrics["stages"][0])
+    # every setting that is not the paper's is named, in metrics.json and in the run's output
+    assert "train.epochs: 2 (paper: 100)" in metrics["deviations"]
+    assert "not the paper's setting: train.epochs: 2 (paper: 100)" in done.stderr
 
 
 @requires_cifar

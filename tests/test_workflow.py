@@ -250,7 +250,7 @@ def test_multi_stage_defence_killed_in_a_later_stage_resumes_identically(tmp_pat
     # relearn step per epoch): its 4th step is mid-epoch, after both earlier stages finished
     # (the unlearned rule off: on this folder it may end the loop after the first epoch; the
     # stall rule stays on, and its decision after epoch 2 reads epoch 1 from the checkpoint)
-    _reference_and_killed(tmp_path, monkeypatch, data, ("--defense", "dbr", "--set", "stop_when_unlearned=false"),
+    _reference_and_killed(tmp_path, monkeypatch, data, ("--defense", "dbr", "--set", "unlearn.stop=never"),
                           "dbr", 4)
     _assert_same_outputs(tmp_path / "a", tmp_path / "b")
     assert json.loads((tmp_path / "b" / "train.json").read_text())["n_flagged"] > 0
@@ -287,7 +287,7 @@ def test_repair_drives_dbr_repair_and_keeps_the_model_contract(tmp_path, monkeyp
     out = tmp_path / "repaired"
     assert unpoison("repair", "--model", model_path, "--data", data, "--out", out, *SMOKE, "--epochs", "3") == 0
     assert seen["classes"] == list(CLASSES) and seen["profile"] == "smoke"
-    assert seen["config"].epochs == 3 and seen["config"].sd.scorer == "expand"
+    assert seen["config"].unlearn.epochs == 3 and seen["config"].sd.scorer == "expand"
     payload = torch.load(out / "model.pt", weights_only=True)
     assert payload["format"] == "unpoison-model" and payload["classes"] == list(CLASSES)
     record = json.loads((out / "repair.json").read_text())

@@ -27,7 +27,8 @@ def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
             if isinstance(current, bool) and isinstance(value, str):
                 value = value.lower() in ("1", "true", "yes", "on")
             elif isinstance(current, (int, float)) and not isinstance(current, bool) and isinstance(value, str):
-                value = type(current)(value)
+                # "none" switches off an optional number (e.g. unlearn.bound=none)
+                value = None if value.strip().lower() == "none" else type(current)(value)
             config = replace(config, **{head: value})
     return config
 

@@ -20,7 +20,7 @@ from torch import nn
 from .config import to_plain
 from .data.imageset import ImageSet
 from .models import Classifier, build_model
-from .runtime import Runtime, derive_seed
+from .runtime import Runtime, derive_seed, generator
 from .train.supervised import TrainConfig, train_supervised
 
 
@@ -39,6 +39,10 @@ class DefenseContext:
     # `shared_model(key, build)`, usually `ModelCache.shared_model`
     shared_model: Callable[[dict, Callable[[], nn.Module]], nn.Module] | None = None
     log_path: Path | None = None
+    # images known to be clean, for the post-training repair baselines only (FT, FP, NAD,
+    # ANP, MCR): the runner draws it from unpoisoned training images when the defence asks
+    # for one (`needs_clean_reference`); None otherwise
+    clean_reference: ImageSet | None = None
 
     def new_model(self, data: ImageSet, name: str | None = None, role: str = "model") -> Classifier:
         """A freshly initialised model; its initial weights depend only on (seed, role)."""
@@ -81,13 +85,18 @@ class StageTimer:
         return out
 
 
-def train_standard(data: ImageSet, ctx: DefenseContext, cfg: TrainConfig, name: str = "train"):
+def train_standard(data: ImageSet, ctx: DefenseContext, cfg: TrainConfig, name: str = "train",
+                   model: str | None = None, fraction: float = 1.0):
     """Plain training with the profile's recipe (shared through ctx.shared_model when given):
-    the no-defence model, and the model a detector or D-BR starts from."""
+    the no-defence model, and the model a detector or D-BR starts from. `model` names an
+    architecture other than the run's --model; `fraction` < 1 trains on a seeded random share
+    of the set (one pass of it = that fraction of an epoch, e.g. CBD's f_B in `quick`)."""
     def build():
-        return train_supervised(ctx.new_model(data), data, cfg, ctx.runtime, name=name, seed=ctx.seed,
+        train = data.head(round(fraction * len(data)), generator(ctx.seed, name, "fraction")) if fraction < 1 else data
+        return train_supervised(ctx.new_model(data, model), train, cfg, ctx.runtime, name=name, seed=ctx.seed,
                                 checkpoint_dir=ctx.checkpoints(), log_path=ctx.log_path,
                                 on_epoch_end=ctx.epoch_hook(name), progress=ctx.progress)
-    if ctx.shared_model is not None:
-        return ctx.shared_model({"stage": name, "recipe": to_plain(cfg)}, build)
+    if ctx.shared_model is not None and model in (None, ctx.model_name):
+        key = {"stage": name, "recipe": to_plain(cfg), **({"fraction": fraction} if fraction < 1 else {})}
+        return ctx.shared_model(key, build)
     return build()

@@ -54,7 +54,7 @@ def detection_metrics(scores: torch.Tensor, is_poison: torch.Tensor, flagged: to
     of them teaches the backdoor again with its label)."""
     scores = scores.detach().double().cpu()
     truth = is_poison.bool().cpu()
-    out: dict[str, float | int | None] = {"auroc": None, "tpr_at_fpr_5": None,
+    out: dict[str, float | int | None] = {"auroc": None, "tpr_at_fpr_5": None, "recall_at_10_percent": None,
                                           "precision": None, "recall": None, "n_flagged": None}
     n_pos, n_neg = int(truth.sum()), int((~truth).sum())
     if n_pos and n_neg:
@@ -64,6 +64,7 @@ def detection_metrics(scores: torch.Tensor, is_poison: torch.Tensor, flagged: to
         out["auroc"] = float(roc_auc_score(truth.numpy(), finite.numpy()))
         false_pos, true_pos, _ = roc_curve(truth.numpy(), finite.numpy())
         out["tpr_at_fpr_5"] = float(true_pos[false_pos <= fpr].max()) if (false_pos <= fpr).any() else 0.0
+        out["recall_at_10_percent"] = recall_at_fraction(finite, truth, 0.1)
     if flagged is not None:
         flagged = flagged.bool().cpu()
         hits = int((flagged & truth).sum())
@@ -75,6 +76,14 @@ def detection_metrics(scores: torch.Tensor, is_poison: torch.Tensor, flagged: to
         out["n_trusted"] = int(trusted.sum())
         out["n_trusted_poisoned"] = int((trusted & truth).sum())
     return out
+
+
+def recall_at_fraction(scores: torch.Tensor, is_poison: torch.Tensor, fraction: float) -> float:
+    """Share of the poisoned samples among the `fraction` highest-scored (a fixed budget of
+    images to inspect or drop, the same for every detector; ties broken by index)."""
+    k = int(round(fraction * len(scores)))
+    top = torch.argsort(scores.double(), descending=True, stable=True)[:k]
+    return float(is_poison.bool()[top].sum()) / max(int(is_poison.sum()), 1)
 
 
 def subset_accuracy(model: nn.Module, data: ImageSet, is_poison: torch.Tensor, runtime: Runtime) -> dict[str, float]:

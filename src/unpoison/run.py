@@ -56,6 +56,8 @@ class RunConfig:
     detector: str | None = None  # a detection-only run: this detector instead of a defence
     detector_params: dict[str, Any] = field(default_factory=dict)
     report: bool = True          # write OUT/report.html at the end (a second or two)
+    clean_fraction: float = 0.05  # clean reference for the repair baselines: this share of the
+                                  # training set, drawn from unpoisoned images
 
 
 def load_split(cfg: RunConfig, split: str, limit: int | None) -> ImageSet:
@@ -92,6 +94,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     untrusted = poisoned.untrusted()
 
     defense = build_defense(cfg.defense, cfg.profile, **cfg.defense_params)
+    # every setting that is not the paper's, by its --set name (the paper profile lists none)
+    deviations = [] if cfg.detector else defense.deviations(cfg.model)
+    for line in deviations:
+        print(f"[run] not the paper's setting: {line}", file=sys.stderr)
     every_epoch = cfg.monitor == "epochs" or (cfg.monitor == "auto" and profile.monitor_every_epoch)
     monitor = Monitor(test, attack, poisoned, runtime, every_epoch, cfg.seed, journal=out / MONITOR_JOURNAL,
                       resume=cfg.resume, started=start)
@@ -99,6 +105,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     cache = artifacts.ModelCache.for_context(ctx, untrusted, enabled=cfg.share_models)
     ctx.shared_model = cache.shared_model
 
+    if defense.needs_clean_reference and not cfg.detector:
+        ctx.clean_reference = poisoned.clean_reference(cfg.clean_fraction, generator(cfg.seed, "clean-reference"))
+        print(f"[run] clean reference: {len(ctx.clean_reference)} unpoisoned training images "
+              f"({cfg.clean_fraction:.0%}), the repair method's only clean data", file=sys.stderr)
     detector = build_detector(cfg.detector, cfg.profile, **cfg.detector_params) if cfg.detector else None
     result = detect(detector, untrusted, ctx) if detector else defense.fit(untrusted, ctx)
 
@@ -114,7 +124,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "stages": stages,
         "attack_config": attack.describe(), "defense_config": defense.describe(),
         "profile_note": profile.note, "environment": environment(),
-        "reused_models": clean_cache.reused + cache.reused, "notes": result.notes,
+        "reused_models": clean_cache.reused + cache.reused, "notes": result.notes, "deviations": deviations,
+        **({"n_clean_reference": len(ctx.clean_reference)} if ctx.clean_reference is not None else {}),
         **({"detector": cfg.detector, "detector_config": detector.describe()} if detector else {}),
     }
     scores = None

@@ -29,6 +29,18 @@ class PoisonedSet:
         """What a defence gets: images and labels, nothing else."""
         return ImageSet(self.train.images, self.train.labels.clone(), list(self.train.classes), self.train.paths)
 
+    def clean_reference(self, fraction: float, g: torch.Generator) -> ImageSet:
+        """round(fraction * N) training images drawn at random from those that were not
+        poisoned, with their true labels: the small clean set that post-training repair
+        methods (FT, FP, NAD, ANP, MCR) assume a defender holds."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"the clean reference fraction must lie in (0, 1], got {fraction}")
+        clean = (~self.is_poison).nonzero().flatten()
+        pick = clean[torch.randperm(len(clean), generator=g)[: int(round(fraction * len(self.is_poison)))]]
+        pick = pick.sort().values
+        paths = [self.train.paths[i] for i in pick.tolist()] if self.train.paths is not None else None
+        return ImageSet(self.train.images[pick], self.original_labels[pick].clone(), list(self.train.classes), paths)
+
     @property
     def n_poisoned(self) -> int:
         return int(self.is_poison.sum())

@@ -146,7 +146,8 @@ def run_grid(grid: Grid, out: str | Path, cells: Sequence[Cell], options: BenchO
             train_subset=cell.options.get("train_subset"), test_subset=cell.options.get("test_subset"),
             attack_params=dict(cell.attack_params), defense_params=dict(cell.defense_params), resume=same_spec,
             progress=options.progress, monitor=str(cell.options.get("monitor", "auto")),
-            share_models=bool(cell.options.get("share_models", True)), report=False)
+            share_models=bool(cell.options.get("share_models", True)), report=False,
+            detector=cell.detector, detector_params=dict(cell.detector_params))
         try:
             metrics = run(config)
         except Exception as exc:  # one broken cell must not stop a night-long grid

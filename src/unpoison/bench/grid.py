@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 
 GRID_KEYS = {"name", "description", "profile", "datasets", "models", "seeds", "attacks", "defenses", "run",
-             "overrides", "exclude"}
+             "overrides", "exclude", "detectors"}
 
 
 RUN_OPTIONS = {"train_subset", "test_subset", "monitor", "share_models", "report", "compile"}
@@ -65,6 +65,9 @@ class Cell:
     attack_params: dict[str, Any] = field(default_factory=dict)
     defense_params: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    # a detection-only cell (`run --detector`): the defence is "none", its label "detect-<detector>"
+    detector: str | None = None
+    detector_params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -81,7 +84,8 @@ class Cell:
                 "attack_params": self.attack_params, "defense": self.defense, "defense_name": self.defense_name,
                 "defense_params": self.defense_params, "model": self.model, "seed": self.seed,
                 "profile": self.profile,
-                "options": {k: v for k, v in self.options.items() if k in ("train_subset", "test_subset")}}
+                "options": {k: v for k, v in self.options.items() if k in ("train_subset", "test_subset")},
+                **({"detector": self.detector, "detector_params": self.detector_params} if self.detector else {})}
 
     def matches(self, where: dict[str, Any]) -> bool:
         for key, wanted in where.items():
@@ -103,6 +107,7 @@ class Grid:
     run_options: dict[str, Any]
     overrides: list[dict[str, Any]]
     exclude: list[dict[str, Any]]
+    detectors: list[Variant] = field(default_factory=list)
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -126,7 +131,8 @@ class Grid:
             attacks=[Variant.parse(a, "attack") for a in raw["attacks"]],
             defenses=[Variant.parse(d, "defense") for d in raw["defenses"]],
             run_options=dict(raw.get("run") or {}), overrides=list(raw.get("overrides") or []),
-            exclude=list(raw.get("exclude") or []), source=source, raw=raw)
+            exclude=list(raw.get("exclude") or []),
+            detectors=[Variant.parse(d, "detector") for d in raw.get("detectors") or []], source=source, raw=raw)
         grid._check_shape()
         return grid
 
@@ -163,6 +169,12 @@ class Grid:
                             if any(cell.matches(rule) for rule in self.exclude):
                                 continue
                             cells.append(self._override(cell))
+                        for detector in self.detectors:   # detection-only cells, after the attack's defences
+                            cell = Cell(dataset, attack.label, f"detect-{detector.label}", model, seed, self.profile,
+                                        attack.name, "none", dict(attack.params), {}, dict(self.run_options),
+                                        detector.name, dict(detector.params))
+                            if not any(cell.matches(rule) for rule in self.exclude):
+                                cells.append(self._override(cell))
         return cells
 
     def _override(self, cell: Cell) -> Cell:
@@ -170,7 +182,7 @@ class Grid:
             if cell.matches(rule["where"]):
                 cell.profile = str(rule.get("profile", cell.profile))
                 cell.attack_params.update(rule.get("attack_params") or {})
-                cell.defense_params.update(rule.get("set") or {})
+                (cell.detector_params if cell.detector else cell.defense_params).update(rule.get("set") or {})
                 cell.options.update(rule.get("run") or {})
         return cell
 
@@ -217,6 +229,11 @@ def check_cells(cells: Sequence[Cell]) -> list[str]:
             elif name not in registry.available():
                 problems[f"{kind} {name!r} is not available in this installation (its module is not there yet); "
                          f"available: {', '.join(registry.available())}"] = None
+        if cell.detector is not None:
+            from ..detect import DETECTORS
+
+            if cell.detector not in DETECTORS.available():
+                problems[f"unknown detector {cell.detector!r}; known: {', '.join(DETECTORS.available())}"] = None
         if cell.dataset not in DATASETS:
             problems[f"unknown dataset {cell.dataset!r}; known: {', '.join(DATASETS)}"] = None
         if cell.profile not in PROFILES:

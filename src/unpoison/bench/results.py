@@ -14,8 +14,8 @@ from .execute import cell_dir, stored_result
 from .grid import Cell, Grid
 
 ROW_FIELDS = ("cell", "dataset", "model", "attack", "defense", "seed", "profile", "attack_name", "defense_name",
-              "n_train", "n_poisoned", "clean_acc", "asr", "robust_acc", "auroc", "tpr_at_fpr_5", "precision",
-              "recall", "n_flagged", "n_trusted_poisoned", "wall_seconds", "device")
+              "n_train", "n_poisoned", "clean_acc", "asr", "robust_acc", "auroc", "tpr_at_fpr_5",
+              "recall_at_10_percent", "precision", "recall", "n_flagged", "n_trusted_poisoned", "wall_seconds", "device")
 
 
 def collect(out: str | Path, grid: Grid) -> tuple[list[dict], list[Cell]]:
@@ -53,7 +53,8 @@ def flat_row(metrics: dict) -> dict[str, Any]:
     for key in ("dataset", "model", "seed", "profile", "n_train", "n_poisoned", "clean_acc", "asr", "robust_acc",
                 "wall_seconds", "device"):
         row[key] = metrics.get(key)
-    for key in ("auroc", "tpr_at_fpr_5", "precision", "recall", "n_flagged", "n_trusted_poisoned"):
+    for key in ("auroc", "tpr_at_fpr_5", "recall_at_10_percent", "precision", "recall", "n_flagged",
+                "n_trusted_poisoned"):
         row[key] = detection.get(key)
     return row
 

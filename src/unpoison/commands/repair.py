@@ -5,6 +5,10 @@ trusted-clean images (here by the `expand` detector, `scan`'s default; the paper
 `--set sd.scorer=fct`), then alternates unlearning the first with relearning the second. The model must be an unpoison model.pt (read with weights_only=True); the data is
 the ImageFolder it was trained on (or one like it), with the model's class names.
 Writes OUT/model.pt, OUT/suspects.csv, OUT/report.html, OUT/repair.json.
+
+`--method ft|fp|nad|anp|mcr` repairs with a post-training baseline instead; these use only
+a small folder of images known to be clean (`--clean DIR`, an ImageFolder with the model's
+class names), never the untrusted data (which then only supplies the held-out split).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import replace
 from ..cli import _key_values, add_runtime_options
 from .train import add_held_out_options
 
+REPAIR_BASELINES = ("ft", "fp", "nad", "anp", "mcr")
 OUTPUTS = ("model.pt", "suspects.csv", "suspects.png", "scores.png", "report.html", "repair.json", "skipped.txt")
 
 
@@ -29,6 +34,11 @@ def register(sub) -> None:
     p.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="epochs of the unlearn/relearn loop")
+    p.add_argument("--method", default="dbr", choices=["dbr", *REPAIR_BASELINES],
+                   help="dbr (default: uses the untrusted data) or a baseline that uses --clean only")
+    p.add_argument("--clean", default=None,
+                   help="ImageFolder of images known to be clean, for --method ft|fp|nad|anp|mcr "
+                        "(every class; e.g. 5 %% of the training set)")
     add_held_out_options(p)
     p.add_argument("--split", default="auto", help="subfolder to use (default: train/ when present)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="defense_set",
@@ -37,6 +47,36 @@ def register(sub) -> None:
     p.add_argument("--no-share", action="store_true", help="do not reuse models of identical earlier runs")
     add_runtime_options(p)
     p.set_defaults(func=cmd_repair)
+
+
+def repair_method(method: str, clean_dir: str | None):
+    """The method as `(repair(model, data, ctx, config), its Defense class)`: D-BR works on
+    the untrusted data; a post-training baseline reads the --clean folder (with the model's
+    classes) and is handed that folder only."""
+    from pathlib import Path
+
+    from ..console import UserError
+    from ..data.untrusted import load_folder
+    from ..defenses import DEFENSES
+    from ..defenses.dbr import DBR, repair
+    from ..defenses.posttraining import check_clean_reference
+
+    if method == "dbr":
+        return repair, DBR
+    if clean_dir is None:
+        raise UserError(f"--method {method} repairs with a small folder of images known to be clean: "
+                        "pass --clean DIR (an ImageFolder with the model's class names)")
+    path = Path(clean_dir).expanduser()
+    if not path.exists():
+        raise UserError(f"--clean {path} does not exist")
+    defense_class = DEFENSES.get(method)
+
+    def repair_with_clean_folder(model, data, ctx, config):
+        clean = load_folder(path, None, data.image_size, classes=list(data.classes), what="clean")
+        clean = check_clean_reference(clean, data.num_classes, config.min_clean, method.upper())
+        return defense_class(config).repair(model, clean, ctx)
+
+    return repair_with_clean_folder, defense_class
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
@@ -48,7 +88,6 @@ def cmd_repair(args: argparse.Namespace) -> int:
     from ..console import say
     from ..data.cache import hash_path
     from ..data.untrusted import check_paths, load_training_data, resize_policy
-    from ..defenses.dbr import DBR, repair
     from ..io import environment, write_json
     from ..monitor import HeldOutMonitor, held_out_accuracy
     from ..profiles import get_profile
@@ -60,14 +99,16 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     data_path, out = check_paths(args.data, args.out)
+    repair, method_class = repair_method(args.method, args.clean)
     params = _key_values(args.defense_set)
     if args.epochs is not None:
-        params[DBR.main_epochs] = args.epochs
-    # The user path splits by the detector `scan` uses (FCT ranks a noise blend backwards)
-    # and trusts 20 % of every class; `--set sd.scorer=fct --set sd.clean_per_class=false`
-    # is the paper's SD module.
-    config = DBR.Config.for_profile(args.profile)
-    config = replace(config, sd=replace(config.sd, scorer="expand", clean_per_class=True))
+        params[method_class.main_epochs] = args.epochs
+    config = method_class.Config.for_profile(args.profile)
+    if args.method == "dbr":
+        # The user path splits by the detector `scan` uses (FCT ranks a noise blend backwards)
+        # and trusts 20 % of every class; `--set sd.scorer=fct --set sd.clean_per_class=false`
+        # is the paper's SD module.
+        config = replace(config, sd=replace(config.sd, scorer="expand", clean_per_class=True))
     config = apply_overrides(config, params)
     profile = get_profile(args.profile)
     runtime = Runtime.create(args.device, args.precision, compile=args.compile)
@@ -80,18 +121,19 @@ def cmd_repair(args: argparse.Namespace) -> int:
     data = load_training_data(data_path, args.split, size, args.val_split, args.test, args.seed, classes=classes)
     write_skipped(out, data.skipped)
     check_resume(out, args.resume, {"command": "repair", "data": dataset_digest(data.train),
-                                       "repaired_model": hash_path(Path(args.model).expanduser()),
-                                       "config": _plain(config), "profile": args.profile, "seed": args.seed})
+                                    "method": args.method, "clean": args.clean,
+                                    "repaired_model": hash_path(Path(args.model).expanduser()),
+                                    "config": _plain(config), "profile": args.profile, "seed": args.seed})
     unknown = [s for s in data.train.skipped if "not one of the known classes" in s]
     if unknown:
         say(f"[data] warning: {len(unknown)} images are in class folders the model does not know; "
-               f"first: {unknown[0]}")
+            f"first: {unknown[0]}")
     before = held_out_accuracy(model, data.held_out, runtime) if data.held_out is not None else None
     if before is not None:
         say(f"[held-out] before repair: accuracy {before:.4f}")
 
     ctx = user_context(out, runtime, args.profile, args.seed, architecture, not args.no_progress,
-                          not args.no_share, data.train)
+                       not args.no_share, data.train)
     monitor = HeldOutMonitor(data.held_out, runtime, out, args.seed)
     monitor.attach(ctx)
     result = repair(model, data.train, ctx, config)
@@ -102,7 +144,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     flagged = result.flagged.bool().cpu() if result.flagged is not None else None
     summary = flag_summary(data.train, flagged) if flagged is not None else None
     record = {
-        "command": "repair", "data": data.source, "defense": "dbr", "model": architecture,
+        "command": "repair", "data": data.source, "defense": args.method, "clean": args.clean, "model": architecture,
         "repaired_model": str(args.model), "profile": args.profile, "profile_note": profile.note,
         "seed": args.seed, "n_train": len(data.train), "classes": classes,
         "class_sizes": dict(zip(classes, data.train.class_counts().tolist())), "held_out": data.held_out_source,
@@ -113,7 +155,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
         "flagged_by_class": summary["classes"] if summary else None,
         "n_skipped": len(data.skipped), "warnings": data.warnings, "resize_policy": resize_policy(size),
         "stages": result.stages, "notes": result.notes,
-        "defense_config": {"name": "dbr", **_plain(config)}, "device": runtime.describe(),
+        "defense_config": {"name": args.method, **_plain(config)}, "device": runtime.describe(),
         "environment": environment(), "wall_seconds": round(time.perf_counter() - start, 1),
     }
     metadata = {k: record[k] for k in ("command", "data", "repaired_model", "profile", "seed", "held_out",

@@ -38,6 +38,9 @@ def register(sub) -> None:
     p.add_argument("--detector", default=None,
                    help="a detection-only run: score the training set with this detector (e.g. fct) instead of "
                         "training with a defence; metrics.json gets `detection`")
+    p.add_argument("--clean-fraction", type=float, default=0.05,
+                   help="repair baselines (ft, fp, nad, anp, mcr): the share of the training set drawn from "
+                        "unpoisoned images as their clean reference (default 0.05)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints after an interruption")
     p.add_argument("--save-model", action="store_true", help="also write OUT/model.pt")
     p.add_argument("--monitor", choices=["auto", "stages", "epochs"], default="auto",
@@ -79,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     defense_params=defense_params, resume=args.resume, save_model=args.save_model,
                     progress=not args.no_progress, monitor=args.monitor, share_models=not args.no_share,
                     detector=args.detector, detector_params=detector_params,
-                    report=not args.no_report)
+                    report=not args.no_report, clean_fraction=args.clean_fraction)
     metrics = run(cfg)
     shown = {k: metrics[k] for k in ("clean_acc", "asr", "robust_acc", "n_poisoned", "wall_seconds")}
     if "detection" in metrics:

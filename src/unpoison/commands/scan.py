@@ -66,11 +66,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
     data = checked.data
     write_skipped(out, data.skipped)
     check_resume(out, args.resume, {"command": "scan", "data": dataset_digest(data),
-                                       "detector": detector.describe(), "model": args.model,
-                                       "profile": args.profile, "seed": args.seed})
+                                    "detector": detector.describe(), "model": args.model,
+                                    "profile": args.profile, "seed": args.seed})
 
     ctx = user_context(out, runtime, args.profile, args.seed, args.model, not args.no_progress,
-                          not args.no_share, data)
+                       not args.no_share, data)
     detection = detector.detect(data, ctx)
     scores = detection.scores.detach().float().cpu()
     if args.flag_fraction is not None:

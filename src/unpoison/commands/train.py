@@ -75,10 +75,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = load_training_data(data_path, args.split, args.image_size, args.val_split, args.test, args.seed)
     write_skipped(out, data.skipped)
     check_resume(out, args.resume, {"command": "train", "data": dataset_digest(data.train),
-                                       "defense": defense.describe(), "model": args.model,
-                                       "profile": args.profile, "seed": args.seed})
+                                    "defense": defense.describe(), "model": args.model,
+                                    "profile": args.profile, "seed": args.seed})
     ctx = user_context(out, runtime, args.profile, args.seed, args.model, not args.no_progress,
-                          not args.no_share, data.train)
+                       not args.no_share, data.train)
     monitor = HeldOutMonitor(data.held_out, runtime, out, args.seed)
     monitor.attach(ctx)
 
@@ -105,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
     metadata = {k: record[k] for k in ("command", "data", "defense", "profile", "seed", "n_train", "held_out",
-                                       "held_out_acc", "resize_policy", "defense_config")}
+                                    "held_out_acc", "resize_policy", "defense_config")}
     artifacts.save_model(out / "model.pt", model, args.model, data.train.classes, data.image_size, metadata)
     write_suspects(out / "suspects.csv", data.train, scores, flagged)
     if scores is not None:

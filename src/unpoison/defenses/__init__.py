@@ -15,6 +15,15 @@ DEFENSES = Registry("defense", __name__, {
     "dst": "dst:DST",
     "dbr": "dbr:DBR",
     "quarantine": "quarantine:Quarantine",
+    # post-training repair baselines: the backdoored model plus a small clean reference
+    "ft": "ft:FT",
+    "fp": "fp:FP",
+    "nad": "nad:NAD",
+    "anp": "anp:ANP",
+    "mcr": "mcr:MCR",
+    # training-time baselines
+    "dbd": "dbd:DBD",
+    "asd": "asd:ASD",
 })
 
 

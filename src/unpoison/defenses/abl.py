@@ -39,9 +39,9 @@ def finetune_recipe(profile: str) -> TrainConfig:
 def unlearn_recipe(profile: str) -> UnlearnConfig:
     """Official code: SGD Nesterov lr 5e-4 (constant), momentum 0.9, wd 1e-4, batch 128, no
     augmentation, 5 epochs (BatchNorm in train mode, as the code runs it)."""
-    return UnlearnConfig(epochs=5, batch_size=64 if profile == "smoke" else 128, augment="none",
-                         optim=OptimConfig(lr=5e-4, momentum=0.9, nesterov=True, weight_decay=1e-4,
-                                           schedule="constant"))
+    return UnlearnConfig.plain_ascent(epochs=5, batch_size=64 if profile == "smoke" else 128, augment="none",
+                                      optim=OptimConfig(lr=5e-4, momentum=0.9, nesterov=True, weight_decay=1e-4,
+                                                        schedule="constant"))
 
 
 @dataclass

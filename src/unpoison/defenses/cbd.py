@@ -39,7 +39,7 @@ from ..data.imageset import ImageSet
 from ..train.engine import Engine, OptimConfig
 from ..train.supervised import DeviceData, TrainConfig
 from .base import Defense, DefenseContext, DefenseResult, StageTimer
-from .none import train_standard
+from ..context import train_standard
 
 # ---------------------------------------------------------------------------- config
 
@@ -53,7 +53,13 @@ def _backdoored_recipe(epochs: int) -> TrainConfig:
 
 @dataclass
 class CBDConfig:
+    # f_B's recipe; its length is `backdoored_ratio` x `epochs` (its `epochs` is set from those)
     backdoored: TrainConfig = field(default_factory=lambda: _backdoored_recipe(5))
+    # f_B's length as a fraction of f_C's epochs: the paper's 5 of 100. A budget cut keeps the
+    # ratio: f_B must fit the backdoor but not the clean images, or its loss stops separating
+    # them (with f_B at 5 and f_C at 10 epochs, weight AUROC fell to 0.3-0.5). Under one epoch,
+    # f_B makes one pass over that fraction of the set (what a shuffled epoch cut short sees).
+    backdoored_ratio: float = 0.05
     # f_C: SGD Nesterov, lr 0.1 -> 0.01 -> 0.001 at 20% and 70% of training (epochs 20 and 70 of 100)
     epochs: int = 100
     batch_size: int = 64
@@ -66,28 +72,53 @@ class CBDConfig:
     mi_weight: float = 1.0          # lambda outside the estimator (official: 1)
     mi_scale: float = 0.01          # the fixed scale inside the estimator (official: 0.01)
     critic_lr: float = 0.2          # Adam
-    critic_lr_step: float = 0.2     # StepLR(20, 0.1) of 100 epochs, as a fraction of `epochs`
+    # StepLR(20, 0.1) over 100 epochs, stepped at the start of each epoch (so one epoch, 1 % of
+    # training, early): both as fractions of `epochs`, so a shorter f_C keeps the schedule's shape
+    critic_lr_step: float = 0.2
+    critic_lr_lead: float = 0.01
     critic_lr_gamma: float = 0.1
     critic_dropout: float = 0.2
     power_iterations: int = 5       # for the critic's spectral rescale
     # flagged = mean weight below this fraction of the median sample's mean weight (see flag_low_weights)
     flag_ratio: float = 0.1
 
+    def __post_init__(self) -> None:
+        if not self.backdoored_ratio > 0:
+            raise ValueError(f"CBD backdoored_ratio must be positive, got {self.backdoored_ratio}")
+        self.backdoored = replace(self.backdoored, epochs=max(1, round(self.backdoored_epochs)))
+
+    @property
+    def backdoored_epochs(self) -> float:
+        """f_B's length in epochs (fractional under one)."""
+        return self.backdoored_ratio * self.epochs
+
+    @property
+    def backdoored_fraction(self) -> float:
+        """The share of the training set f_B's one pass sees when it is shorter than an epoch."""
+        return min(1.0, self.backdoored_epochs)
+
+    def critic_lr_at(self, epoch: int) -> float:
+        """The critic's lr in f_C's epoch `epoch` (from 0): the official StepLR as fractions of
+        training, lr * gamma^floor((epoch / epochs + lead) / step); 100 epochs give the official
+        lr * gamma^((epoch + 1) // 20)."""
+        steps = math.floor(round((epoch / self.epochs + self.critic_lr_lead) / self.critic_lr_step, 9))
+        return self.critic_lr * self.critic_lr_gamma ** steps
+
     @classmethod
     def for_profile(cls, profile: str) -> "CBDConfig":
         if profile == "paper":
             return cls()
         if profile == "quick":
-            # f_B keeps its 5 epochs (it must fit the backdoor); f_C gets the quick baseline's
-            # 10 epochs and its one-cycle schedule (warm-up to 0.2 over 3 epochs, linear decay
-            # to 0). The paper's step schedule squeezed into 10 epochs drops to lr 0.01 after
-            # epoch 2 (measured: CA 36 % at epoch 3), so f_C never learns the main task. The
-            # critic's lr step keeps its fraction (lr / 10 every 2 epochs).
+            # f_C gets the quick baseline's 10 epochs and its one-cycle schedule (warm-up to 0.2
+            # over 3 epochs, linear decay to 0). The paper's step schedule squeezed into 10
+            # epochs drops to lr 0.01 after epoch 2 (measured: CA 36 % at epoch 3), so f_C never
+            # learns the main task. f_B (half an epoch) and the critic's lr keep the paper's
+            # ratios to f_C's length.
             return cls(epochs=10, batch_size=128, optim=OptimConfig(
                 lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="onecycle",
                 warmup_epochs=3, warmup_start=0.1))
         if profile == "smoke":
-            return cls(backdoored=_backdoored_recipe(1), epochs=4)
+            return cls(backdoored=_backdoored_recipe(1), backdoored_ratio=0.25, epochs=4)
         raise ValueError(f"unknown profile {profile!r}")
 
 
@@ -186,9 +217,10 @@ def flag_low_weights(mean_weight: torch.Tensor, ratio: float) -> torch.Tensor:
 # ---------------------------------------------------------------------------- stages
 
 
-def train_backdoored(data: ImageSet, ctx: DefenseContext, recipe: TrainConfig) -> nn.Module:
-    """Stage 1: f_B, plain CE for a few epochs, then frozen in eval mode."""
-    model = train_standard(data, ctx, recipe, name="cbd_backdoored")
+def train_backdoored(data: ImageSet, ctx: DefenseContext, recipe: TrainConfig, fraction: float = 1.0) -> nn.Module:
+    """Stage 1: f_B, plain CE for a few epochs (or one pass over `fraction` of the set), then
+    frozen in eval mode."""
+    model = train_standard(data, ctx, recipe, name="cbd_backdoored", fraction=fraction)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -213,11 +245,6 @@ def train_clean(data: ImageSet, backdoored: nn.Module, ctx: DefenseContext,
                     on_epoch_end=ctx.epoch_hook("cbd_clean"), progress=ctx.progress)
     backdoored.eval()
 
-    def critic_lr(epoch: int) -> float:
-        # StepLR stepped at the *start* of each epoch: epoch e runs at lr * gamma^((e+1) // step)
-        step = max(1, round(cfg.critic_lr_step * cfg.epochs))
-        return cfg.critic_lr * cfg.critic_lr_gamma ** ((epoch + 1) // step)
-
     def critic_pass(g: torch.Generator) -> float:
         """Maximise the estimate over one pass with both nets fixed (a plain Adam step per
         batch on the critic alone, then the sqrt-sigma rescale)."""
@@ -234,8 +261,8 @@ def train_clean(data: ImageSet, backdoored: nn.Module, ctx: DefenseContext,
         log: dict = {}
         if cfg.mi:
             for group in critic_optimizer.param_groups:
-                group["lr"] = critic_lr(epoch)
-            log["critic_lr"] = critic_lr(epoch)
+                group["lr"] = cfg.critic_lr_at(epoch)
+            log["critic_lr"] = cfg.critic_lr_at(epoch)
             log["critic_mi"] = critic_pass(g)
         sums = {"weighted_ce": 0.0, "mi": 0.0, "raw_weight": 0.0}
         batches = batch_indices(len(device_data), cfg.batch_size, g)
@@ -279,12 +306,13 @@ class CBD(Defense):
     def fit(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
         cfg: CBDConfig = self.config
         timer = StageTimer(ctx)
-        backdoored = timer.run("cbd_backdoored", cfg.backdoored.epochs,
-                               lambda: train_backdoored(data, ctx, cfg.backdoored))
+        backdoored = timer.run("cbd_backdoored", round(cfg.backdoored_epochs, 3),
+                               lambda: train_backdoored(data, ctx, cfg.backdoored, cfg.backdoored_fraction))
         clean, record = timer.run("cbd_clean", cfg.epochs, lambda: train_clean(data, backdoored, ctx, cfg),
                                   model_of=lambda out: out[0])
         mean_weight = record.mean()
-        notes = [f"mutual-information penalty {'ON (the paper)' if cfg.mi else 'OFF (as the official code ships)'}",
+        notes = [f"f_B: {cfg.backdoored_epochs:g} epochs ({cfg.backdoored_ratio:g} x f_C's {cfg.epochs})",
+                 f"mutual-information penalty {'ON (the paper)' if cfg.mi else 'OFF (as the official code ships)'}",
                  f"suspicion = -(mean raw weight over {cfg.epochs} f_C epochs); flagged = mean weight < "
                  f"{cfg.flag_ratio} x median"]
         return DefenseResult(clean, suspicion=-mean_weight, flagged=flag_low_weights(mean_weight, cfg.flag_ratio),

@@ -5,7 +5,8 @@
     filter entropy of the SL model's predictions; the n*gamma lowest-entropy samples are
            the suspected poisoned set D'_p, the highest-entropy samples of each class the
            trusted clean set D'_c (detect/entropy.py).
-    AU     active unlearning: gradient ascent on the cross-entropy of D'_p (Eq. 6).
+    AU     active unlearning: gradient ascent on the cross-entropy of D'_p (Eq. 6); in
+           `quick`, train/unlearn.py's guarded loop with D'_c as its trusted set (au_recipe).
     ASSFT  active semi-supervised fine-tuning: FixMatch with D'_c labelled and every
            other image unlabelled (Eq. 7; train/fixmatch.py), from the AU weights.
 
@@ -16,7 +17,7 @@ defaults and the reasons for them are in `for_profile`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -24,32 +25,42 @@ from ..data.imageset import ImageSet
 from ..detect.entropy import EntropyConfig, EntropyDetector, entropy_split
 from ..train.engine import OptimConfig
 from ..train.fixmatch import FixMatchConfig, train_fixmatch
-from ..train.unlearn import UnlearnConfig, unlearn
+from ..train.unlearn import UnlearnConfig, describe, unlearn
 from .base import Defense, DefenseContext, DefenseResult, StageTimer
 
 ORDERS = ("sl-au-assft", "sl-assft", "sl-au", "sl-assft-au")
 
 
-def au_recipe(profile: str, reading: str = "early_stop") -> UnlearnConfig:
-    """AU: E2 = 20 epochs of gradient ascent on the mean CE of D'_p, SGD momentum 0.9,
-    lr 0.01, batch 128 (the paper's defaults); no augmentation, wd 5e-4 (unspecified).
+def au_recipe(profile: str) -> UnlearnConfig:
+    """AU per profile (train/unlearn.py's block).
 
-    reading 'as_written': exactly that. On CIFAR-10 it does not stop at forgetting the
-      trigger: measured on our BadNets SL model, ASR falls from 1.00 to 0.17 in the first
-      epoch (4 steps) and to 0 in the second, while CA keeps falling, 0.49 -> 0.46 -> 0.34
-      -> 0.22 (epoch 5) -> 0.11 (epoch 20). The paper says CA is "only slightly affected".
-    reading 'early_stop' (default): the same ascent, stopped at the first epoch boundary
-      where the model predicts the suspected set's given labels no better than chance
-      (accuracy <= 1/C). That is the point the paper describes - D'_p unlearned - and the
-      rule looks at D'_p only, never at test data or the poison mask.
+    paper: as the paper writes it: E2 = 20 epochs of gradient ascent on the mean CE of D'_p,
+      SGD momentum 0.9, lr 0.01, batch 128; no augmentation and wd 5e-4 (unspecified), no
+      early stop. On CIFAR-10 it does not stop at forgetting the trigger (measured on our
+      BadNets SL model: ASR 1.00 -> 0 in two epochs while CA falls 49 -> 11 %), where the
+      paper reports CA "only slightly affected".
+    quick (ours): the guarded loop D-BR measured: each ascent pass on D'_p is followed by a
+      descent pass on D'_c (the trusted set DLP already has at AU time), BatchNorm on its
+      running statistics, the margin loss (an O(1) gradient on the saturated suspected
+      images, where -CE has none), and the stage ends once no image of D'_p keeps its label
+      with D'_c fitted as before, or once unlearning stalls or erodes D'_c (training data
+      only). `--set au.stop=chance` is the earlier "stop at chance" reading; the paper's
+      ascent is `--set au.mode=unlearn --set au.batchnorm=train --set au.loss=ce --set
+      au.stop=never --set au.stall_epochs=0`.
+    smoke: quick with batch 64.
     """
-    cfg = UnlearnConfig(epochs=20, batch_size=64 if profile == "smoke" else 128,
-                        optim=OptimConfig(lr=0.01, momentum=0.9, nesterov=False, weight_decay=5e-4,
-                                          schedule="constant"))
-    if reading not in ("early_stop", "as_written"):
-        raise ValueError(f"AU reading must be 'early_stop' or 'as_written', got {reading!r}")
-    cfg.early_stop = reading == "early_stop"
-    return cfg
+    as_written = UnlearnConfig.plain_ascent(
+        epochs=20, batch_size=128, augment="none",
+        optim=OptimConfig(lr=0.01, momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="constant"))
+    if profile == "paper":
+        return as_written
+    guarded = replace(as_written, mode="alternate", batchnorm="running", loss="margin", stop="unlearned",
+                      stall_epochs=2)
+    if profile == "quick":
+        return guarded
+    if profile == "smoke":
+        return replace(guarded, batch_size=64)
+    raise ValueError(f"unknown profile {profile!r}")
 
 
 def assft_recipe(profile: str) -> FixMatchConfig:
@@ -88,14 +99,14 @@ class DLPConfig:
 
     @classmethod
     def for_profile(cls, profile: str) -> "DLPConfig":
-        """paper: the paper's defaults (SL 10 epochs, gamma 1 %, AU up to 20 epochs at lr
-        0.01, D'_c read as n*gamma in total, 50 per class on CIFAR-10) with FixMatch's own
+        """paper: the paper's defaults (SL 10 epochs, gamma 1 %, AU 20 epochs at lr 0.01,
+        D'_c read as n*gamma in total, 50 per class on CIFAR-10) with FixMatch's own
         hyper-parameters where the paper is silent. quick: SL 2 epochs and a shorter ASSFT
-        (see sl_recipe / assft_recipe); AU as in the paper; D'_c read per class (n*gamma =
+        (see sl_recipe / assft_recipe); D'_c read per class (n*gamma =
         500 labelled images from every class, reading (b) of spec §5.3): 50 labels per class
         is what FixMatch needs a million steps to exploit, and the quick ASSFT has ~1,800.
-        Both use the early-stopped AU reading; `--set au.early_stop=false` is the ascent as
-        written, `--set filter.clean_reading=total` the paper profile's reading (a)."""
+        AU: the paper's ascent in `paper`, the guarded loop in `quick` (au_recipe);
+        `--set filter.clean_reading=total` is the paper profile's reading (a)."""
         cfg = cls(filter=EntropyConfig.for_profile(profile), au=au_recipe(profile), assft=assft_recipe(profile))
         if profile == "quick":
             cfg.filter.clean_reading = "per_class"
@@ -121,7 +132,7 @@ class DLP(Defense):
 
         for stage in cfg.order.split("-")[1:]:
             if stage == "au":
-                model = timer.run("AU", cfg.au.epochs, lambda: self._unlearn(model, data.subset(suspected), ctx))
+                model = timer.run("AU", cfg.au.epochs, lambda: self._unlearn(model, data, suspected, trusted, ctx))
             else:
                 model = timer.run("ASSFT", cfg.assft.epochs, lambda: self._fine_tune(model, data, trusted, ctx))
 
@@ -131,12 +142,15 @@ class DLP(Defense):
         trusted_mask[trusted] = True
         notes = [f"filter: |D'_p| = {len(suspected)} suspected, |D'_c| = {len(trusted)} trusted-clean "
                  f"(gamma {cfg.filter.filter_rate}, {cfg.filter.clean_reading} reading)"]
+        if "au" in cfg.order:
+            notes.append(f"AU: {describe(cfg.au)}")
         return DefenseResult(model, suspicion=-entropy, flagged=flagged, trusted=trusted_mask, stages=timer.records,
                              notes=notes)
 
-    def _unlearn(self, model, suspected: ImageSet, ctx: DefenseContext):
-        return unlearn(model, suspected, self.config.au, ctx.runtime, name="AU", seed=ctx.seed, checkpoint_dir=ctx.checkpoints(),
-                       log_path=ctx.log_path, on_epoch_end=ctx.epoch_hook("AU"), progress=ctx.progress)
+    def _unlearn(self, model, data: ImageSet, suspected: torch.Tensor, trusted: torch.Tensor, ctx: DefenseContext):
+        return unlearn(model, data.subset(suspected), self.config.au, ctx.runtime, trusted=data.subset(trusted),
+                       name="AU", seed=ctx.seed, checkpoint_dir=ctx.checkpoints(), log_path=ctx.log_path,
+                       on_epoch_end=ctx.epoch_hook("AU"), progress=ctx.progress)
 
     def _fine_tune(self, model, data: ImageSet, trusted: torch.Tensor, ctx: DefenseContext):
         unlabelled = torch.ones(len(data), dtype=torch.bool)

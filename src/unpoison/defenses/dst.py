@@ -11,8 +11,8 @@
        cross-entropy CE(D_c) - lambda * CE(D_p), lambda = 0.001: learn clean, unlearn poisoned.
     4. The last epoch is the result (the official script keeps the best *test* accuracy).
 
-The network is the run's `--model` (the paper's is the SupCon ResNet-18 without stem
-max-pool: `--model resnet18`); the returned model is that network with the new linear head.
+The network is the paper's SupCon ResNet-18 without stem max-pool in `paper` (`model`), the
+run's `--model` otherwise; the returned model is that network with the new linear head.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ class DSTConfig:
     quick: see for_profile; smoke: a couple of epochs."""
 
     sd: SDConfig = field(default_factory=SDConfig)
+    # the network (its encoder is trained by SS-CTL): None = the run's --model; paper: the
+    # SupCon ResNet-18 (3x3 stem, no max-pool)
+    model: str | None = None
     # --- stage 1: SS-CTL
     ctl_epochs: int = 200
     ctl_batch_size: int = 512
@@ -63,7 +66,7 @@ class DSTConfig:
     def for_profile(cls, profile: str) -> "DSTConfig":
         sd = SDConfig.for_profile(profile)
         if profile == "paper":
-            return cls(sd=sd)
+            return cls(sd=sd, model="resnet18")
         if profile == "quick":
             # 6 SS-CTL epochs instead of 200 (each is two views of 50k images: ~2x a supervised
             # epoch), at batch 256 for twice the steps, lr scaled linearly with the batch and
@@ -100,7 +103,7 @@ def ss_ctl_epoch(data: DeviceData, trusted: torch.Tensor, cfg: DSTConfig):
 def train_extractor(data: ImageSet, split: SampleSplit, ctx: DefenseContext, cfg: DSTConfig,
                     name: str = "ss_ctl") -> nn.Module:
     """Stage 1: a fresh network trained with SS-CTL; returns the encoder (a Classifier)."""
-    net = ContrastiveNet(ctx.new_model(data, role=name), cfg.projection_dim)
+    net = ContrastiveNet(ctx.new_model(data, cfg.model, role=name), cfg.projection_dim)
     steps = max(1, len(data) // cfg.ctl_batch_size)
     engine = Engine(net, cfg.ctl_optim, ctx.runtime, name=name, epochs=cfg.ctl_epochs, steps_per_epoch=steps,
                     seed=ctx.seed, checkpoint_dir=ctx.checkpoints(), log_path=ctx.log_path, progress=ctx.progress)

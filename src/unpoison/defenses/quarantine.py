@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..context import train_standard
 from ..data.batches import batch_indices
 from ..data.imageset import ImageSet
 from ..detect.expand import ExpandConfig, SeedExpansion, seed_similarity
@@ -52,9 +53,9 @@ from ..profiles import get_profile
 from ..runtime import generator
 from ..train.engine import Engine
 from ..train.supervised import DeviceData, TrainConfig, extract_features, predict
+from ..train.unlearn import UnlearnConfig, unlearning_loss
 from .base import Defense, DefenseContext, DefenseResult, StageTimer
-from .dbr import DBRConfig, unlearn_relearn, unlearning_loss
-from .none import train_standard
+from .dbr import DBRConfig, unlearn_relearn
 
 MIN_PER_CLASS = 10   # below this many images in a class the probe's seeds mean nothing
 MIN_REPAIR = 20      # a late set smaller than this is noise, not a backdoor worth an ascent
@@ -74,8 +75,9 @@ class QuarantineConfig:
     recheck_seed_fraction: float = 0.01  # seeds of the recheck, as a share of the set
     recheck_fraction: float = 0.10       # how far the recheck expands from its seeds
     repair_min_fraction: float = 0.002   # repair only when late is at least this share of the set
-    repair: DBRConfig = field(default_factory=lambda: replace(DBRConfig.for_profile("quick"), epochs=5,
-                                                              unlearn_loss="margin"))
+    # D-BR's guarded loop (train/unlearn.py), shorter and with the margin loss
+    repair: UnlearnConfig = field(default_factory=lambda: replace(DBRConfig.for_profile("quick").unlearn, epochs=5,
+                                                                  loss="margin"))
     trusted_fraction: float = 0.2        # kept images the repair relearns
     # the repaired model is kept only if it fits the trusted images within this much of the
     # model before the repair; otherwise the repair was unlearning clean images and is undone
@@ -91,8 +93,8 @@ class QuarantineConfig:
     @classmethod
     def for_profile(cls, profile: str) -> "QuarantineConfig":
         baseline = get_profile(profile).baseline
-        repair = replace(DBRConfig.for_profile(profile), epochs=5 if profile != "smoke" else 3,
-                         unlearn_loss="margin")
+        repair = replace(DBRConfig.for_profile(profile).unlearn, epochs=5 if profile != "smoke" else 3,
+                         loss="margin")
         return cls(probe=ExpandConfig.for_profile(profile), train=baseline, repair=repair)
 
 

@@ -8,11 +8,13 @@ from ..registry import Registry
 from .base import Detection, Detector
 
 DETECTORS = Registry("detector", __name__, {
+    "ac": "ac:ActivationClustering",
     "fct": "fct:FCT",
     "entropy": "entropy:EntropyDetector",
     "expand": "expand:SeedExpansion",
     "loss": "loss:LossDetector",
     "spectral": "spectral:SpectralSignature",
+    "strip": "strip:STRIP",
 })
 
 
