@@ -215,6 +215,9 @@ def test_stop_reason_tells_chance_unlearned_stalled_and_eroding():
     # the first epoch's ascent costs trusted accuracy that relearning then gives back
     assert reason([0.99, 0.40, 0.09, 0.08], [0.67, 0.74, 0.77]) is None
     assert reason([0.99, 0.78, 0.25, 0.14, 0.126, 0.135], [0.68, 0.75, 0.78, 0.83, 0.85]) == "stalled"
+    # at chance with the trusted set still being refitted: relearning is not done, no stall
+    assert reason([1.0, 0.01, 0.062, 0.03], [0.22, 0.30, 0.33], before=0.4) is None
+    assert reason([1.0, 0.01, 0.062, 0.03, 0.03, 0.03], [0.22, 0.30, 0.33, 0.335, 0.336], before=0.4) == "stalled"
     off = replace(cfg, stall_epochs=0)
     assert reason([0.95, 0.938, 0.936, 0.934], [0.79, 0.79, 0.70], config=off) is None
     assert reason([1.0, 0.0], [0.8], config=replace(cfg, stop="never")) is None

@@ -19,6 +19,11 @@ Substitution, stated: FixMatch (train/fixmatch.py, its SGD recipe) where the pap
 MixMatch (Adam, lr 0.002, lambda_u 15). The last epoch is returned (the official script
 keeps the epoch with the best test accuracy). `quick`: T = 8 epochs (T1 = 4, T2 = 6) of
 120 FixMatch steps; the seed growth is mapped onto the shorter schedule.
+
+The suspicion reported is the SCE loss (the loss-guided signal); the meta-split decides the
+last pools. On the tests' toy backdoor the virtual epoch does not learn the trigger, so the
+meta-split there admits the poisoned images to the clean pool (measured, tests/test_dbd_asd.py
+only checks the final ASR and the loss ranking).
 """
 
 from __future__ import annotations
