@@ -47,6 +47,14 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_session_options(p: argparse.ArgumentParser) -> None:
+    """Profile, seed, --resume and --no-share: for a command that trains into an output folder."""
+    p.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints after an interruption")
+    p.add_argument("--no-share", action="store_true", help="do not reuse models of identical earlier runs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unpoison", description=__doc__)
     parser.add_argument("--version", action="version", version=f"unpoison {__version__}")
