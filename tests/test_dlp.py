@@ -80,9 +80,10 @@ def test_paper_profile_is_the_paper():
 def test_quick_au_is_the_guarded_loop_and_says_so():
     quick = DLP.for_profile("quick")
     au = quick.config.au
-    assert (au.mode, au.batchnorm, au.loss, au.stop) == ("alternate", "running", "margin", "unlearned")
+    assert (au.mode, au.batchnorm, au.loss, au.bound, au.stop) == ("alternate", "running", "complement", 1.0, "unlearned")
     found = quick.deviations("wrn16-1")
-    assert "au.mode: 'alternate' (paper: 'unlearn')" in found and "au.loss: 'margin' (paper: 'ce')" in found
+    assert "au.mode: 'alternate' (paper: 'unlearn')" in found and "au.loss: 'complement' (paper: 'ce')" in found
+    assert "au.optim.lr: 0.001 (paper: 0.01)" in found
     assert "filter.sl.epochs: 2 (paper: 10)" in found
 
 
