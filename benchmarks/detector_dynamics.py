@@ -33,7 +33,7 @@ from unpoison.metrics import detection_metrics
 from unpoison.models import build_model
 from unpoison.runtime import Runtime
 from unpoison.train.supervised import extract_features, predict
-from unpoison.workflow import load_folder
+from unpoison.data.untrusted import load_folder
 
 
 def recall_at(scores: torch.Tensor, truth: torch.Tensor, fraction: float = 0.1) -> float:

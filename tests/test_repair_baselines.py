@@ -33,6 +33,7 @@ def _ctx(tmp_path, clean=None) -> DefenseContext:
     return ctx
 
 
+@pytest.mark.slow
 def test_clean_reference_holds_only_unpoisoned_images_with_their_true_labels(backdoor):
     poisoned, *_, clean = backdoor
     assert len(clean) == round(0.25 * len(poisoned.is_poison))
@@ -44,6 +45,7 @@ def test_clean_reference_holds_only_unpoisoned_images_with_their_true_labels(bac
         assert len(match) >= 1 and int(poisoned.original_labels[clean_index[match[0]]]) == int(label)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS)
 def test_repair_lowers_asr_from_the_clean_reference_alone(backdoor, tmp_path, name):
     poisoned, attack, test, model, clean = backdoor

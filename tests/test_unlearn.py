@@ -115,6 +115,7 @@ def test_presets_name_the_unguarded_and_guarded_loops():
 # ---------------------------------------------------------------------------- the ascent pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batchnorm,changes", [("running", False), ("train", True)])
 def test_ascent_with_running_statistics_leaves_batchnorm_buffers_unchanged(backdoor, batchnorm, changes):
     """With running statistics the triggered batches are normalised as at test time and do
@@ -170,6 +171,7 @@ def test_alternating_epoch_runs_both_passes_on_one_optimiser(backdoor, fitted_en
     assert engine.step_count == 1 + 8 == engine.steps_per_epoch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss,lr,stall", [("margin", 2e-4, 0), ("complement", 1e-3, 2)])
 def test_guarded_loop_removes_the_toy_backdoor_and_keeps_clean_accuracy(backdoor, loss, lr, stall):
     poisoned, attack, test, model = backdoor
@@ -215,11 +217,15 @@ def test_stop_reason_tells_chance_unlearned_stalled_and_eroding():
     # the first epoch's ascent costs trusted accuracy that relearning then gives back
     assert reason([0.99, 0.40, 0.09, 0.08], [0.67, 0.74, 0.77]) is None
     assert reason([0.99, 0.78, 0.25, 0.14, 0.126, 0.135], [0.68, 0.75, 0.78, 0.83, 0.85]) == "stalled"
+    # at chance with the trusted set still being refitted: relearning is not done, no stall
+    assert reason([1.0, 0.01, 0.062, 0.03], [0.22, 0.30, 0.33], before=0.4) is None
+    assert reason([1.0, 0.01, 0.062, 0.03, 0.03, 0.03], [0.22, 0.30, 0.33, 0.335, 0.336], before=0.4) == "stalled"
     off = replace(cfg, stall_epochs=0)
     assert reason([0.95, 0.938, 0.936, 0.934], [0.79, 0.79, 0.70], config=off) is None
     assert reason([1.0, 0.0], [0.8], config=replace(cfg, stop="never")) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", ["unlearned", "never"])
 def test_loop_ends_once_no_suspected_image_keeps_its_label(backdoor, fitted_engines, stop):
     poisoned, _, _, model = backdoor
@@ -259,6 +265,7 @@ def test_a_set_already_unlearned_takes_no_step(backdoor):
     assert all(torch.equal(before[k], v) for k, v in after.state_dict().items())
 
 
+@pytest.mark.slow
 def test_loop_ends_when_unlearning_stalls_on_clean_suspects(backdoor, fitted_engines):
     """Clean images as the suspected set (what a detector flags on clean data): relearning
     holds them up; the loop ends at the first epoch where a stall or erosion shows, never

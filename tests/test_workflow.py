@@ -7,8 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from unpoison import workflow as wf
-from unpoison.defenses import DEFENSES
+from unpoison.data.imageset import ImageSet
+from unpoison.data.untrusted import load_folder, resize_policy
+from unpoison.report.suspects import flag_summary, ranking, suspect_order, summary_lines
+from unpoison.defenses import DefenseResult
 from unpoison.detect.spectral import spectral_flags, spectral_scores
 from userdata import CLASSES, SMOKE, make_archive, make_folder, unpoison
 
@@ -47,6 +49,7 @@ def test_spectral_flags_follow_the_papers_rule():
 
 # ----------------------------------------------------------------------- scan
 
+@pytest.mark.slow
 def test_scan_ranks_writes_a_grid_and_summarises(tmp_path, capsys):
     data = make_folder(tmp_path / "data", per_class=16, poison=4)
     out = tmp_path / "scan"
@@ -70,6 +73,7 @@ def test_scan_ranks_writes_a_grid_and_summarises(tmp_path, capsys):
     assert "flagged 5 of 48 images" in printed and "by class:" in printed
 
 
+@pytest.mark.slow
 def test_scan_defaults_to_expand_and_flags_ten_percent(tmp_path):
     data = make_folder(tmp_path / "data", per_class=16, poison=4)
     out = tmp_path / "scan"
@@ -82,25 +86,25 @@ def test_scan_defaults_to_expand_and_flags_ten_percent(tmp_path):
 def test_suspect_order_can_keep_to_one_label():
     scores = torch.tensor([9.0, 8.0, 1.0, 7.0, 2.0, 3.0])
     labels = torch.tensor([1, 1, 0, 1, 0, 0])
-    assert wf.suspect_order(scores, labels, 4) == [0, 1, 3, 5]
-    assert wf.suspect_order(scores, labels, 2, label=0) == [5, 4]
+    assert suspect_order(scores, labels, 4) == [0, 1, 3, 5]
+    assert suspect_order(scores, labels, 2, label=0) == [5, 4]
 
 
 def test_flag_summary_names_the_class_the_flags_concentrate_in():
-    data = wf.ImageSet(torch.zeros(40, 3, 4, 4, dtype=torch.uint8), torch.arange(40) % 4, ["a", "b", "c", "d"])
+    data = ImageSet(torch.zeros(40, 3, 4, 4, dtype=torch.uint8), torch.arange(40) % 4, ["a", "b", "c", "d"])
     flagged = torch.zeros(40, dtype=torch.bool)
     flagged[(data.labels == 2).nonzero().flatten()[:8]] = True
     flagged[0] = True
-    summary = wf.flag_summary(data, flagged)
+    summary = flag_summary(data, flagged)
     assert summary["n_flagged"] == 9 and summary["concentrated_in"] == "c"
-    assert any("concentrate in class 'c'" in line for line in wf.summary_lines(summary))
+    assert any("concentrate in class 'c'" in line for line in summary_lines(summary))
     spread = torch.zeros(40, dtype=torch.bool)
     spread[:8] = True
-    assert wf.flag_summary(data, spread)["concentrated_in"] is None
+    assert flag_summary(data, spread)["concentrated_in"] is None
 
 
 def test_ranking_is_stable_and_puts_nan_first():
-    order = wf.ranking(torch.tensor([0.5, float("nan"), 2.0, 0.5]))
+    order = ranking(torch.tensor([0.5, float("nan"), 2.0, 0.5]))
     assert order.tolist() == [1, 2, 0, 3]
 
 
@@ -115,7 +119,7 @@ def test_train_writes_the_model_contract_and_predict_uses_it(tmp_path, capsys):
     assert payload["architecture"] == "wrn16-1" and payload["input_size"] == [32, 32]
     assert {"mean", "std"} <= set(payload["normalization"])
     assert read_csv(out / "suspects.csv")[0] == ["path", "label", "score", "flagged"]
-    assert (out / "report.html").read_text().startswith("<!doctype html>")
+    assert (out / "report.html").read_text().lower().startswith("<!doctype html>")
     record = json.loads((out / "train.json").read_text())
     assert record["n_train"] + record["n_held_out"] == 48 and record["n_held_out"] == 6  # 10 % of each class
     assert 0 <= record["held_out_acc"] <= 1 and "validation split" in record["held_out"]
@@ -181,9 +185,9 @@ def test_resize_policy_is_stated_and_images_of_any_mode_load(tmp_path):
     Image.new("LA", (12, 12)).save(data / "cat" / "gray-alpha.png")
     Image.new("I;16", (9, 9)).save(data / "cat" / "sixteen.png")
     Image.new("CMYK", (9, 9)).save(data / "cat" / "cmyk.jpg")
-    loaded = wf.load_folder(data, None, (32, 32))
+    loaded = load_folder(data, None, (32, 32))
     assert len(loaded) == 22 and not loaded.skipped
-    assert "32x32" in wf.resize_policy((32, 32)) and "bilinear" in wf.resize_policy((32, 32))
+    assert "32x32" in resize_policy((32, 32)) and "bilinear" in resize_policy((32, 32))
 
 
 # ----------------------------------------------------------------------- resume and atomic outputs
@@ -235,6 +239,7 @@ def _assert_same_outputs(a, b):
     assert not list(b.glob(".*.tmp*"))  # no temporary file survives
 
 
+@pytest.mark.slow
 def test_train_killed_mid_epoch_resumes_to_identical_outputs(tmp_path, monkeypatch):
     data = make_folder(tmp_path / "data", per_class=30)
     # 81 training images, batch 64: 2 steps per epoch; step 3 is the middle of epoch 2 of 3
@@ -242,7 +247,7 @@ def test_train_killed_mid_epoch_resumes_to_identical_outputs(tmp_path, monkeypat
     _assert_same_outputs(tmp_path / "a", tmp_path / "b")
 
 
-@pytest.mark.skipif("dbr" not in DEFENSES, reason="D-BR not available")
+@pytest.mark.slow
 def test_multi_stage_defence_killed_in_a_later_stage_resumes_identically(tmp_path, monkeypatch):
     data = make_folder(tmp_path / "data", per_class=12, poison=2)
     # D-BR: the baseline, the SD model, then the unlearn/relearn loop (an unlearn and a
@@ -255,7 +260,7 @@ def test_multi_stage_defence_killed_in_a_later_stage_resumes_identically(tmp_pat
     assert json.loads((tmp_path / "b" / "train.json").read_text())["n_flagged"] > 0
 
 
-@pytest.mark.skipif("dlp" not in DEFENSES, reason="DLP not available")
+@pytest.mark.slow
 def test_dlp_killed_during_fine_tuning_resumes_identically(tmp_path, monkeypatch):
     data = make_folder(tmp_path / "data", per_class=16, poison=2)
     # DLP: SL, AU, then ASSFT (FixMatch, several steps per epoch): killed at ASSFT's 3rd step
@@ -273,7 +278,7 @@ def _trained(tmp_path, data):
 
 def test_repair_drives_dbr_repair_and_keeps_the_model_contract(tmp_path, monkeypatch, capsys):
     """With a stand-in for D-BR's repair(), so this tests the command, not D-BR."""
-    import unpoison.commands.repair as repair_command
+    import unpoison.defenses.dbr as dbr
 
     data = make_folder(tmp_path / "data", per_class=12, poison=2)
     model_path = _trained(tmp_path, data)
@@ -281,20 +286,13 @@ def test_repair_drives_dbr_repair_and_keeps_the_model_contract(tmp_path, monkeyp
 
     def stand_in(model, train, ctx, config):
         seen.update(n=len(train), classes=train.classes, profile=ctx.profile, config=config)
-        return model  # a bare model is accepted too
+        return DefenseResult(model)
 
-    class StandInConfig:
-        @classmethod
-        def for_profile(cls, profile):
-            return {"profile": profile}
-
-    class StandInDBR:
-        Config, main_epochs = StandInConfig, "epochs"
-
-    monkeypatch.setattr(repair_command, "load_dbr", lambda: (stand_in, StandInDBR))
+    monkeypatch.setattr(dbr, "repair", stand_in)
     out = tmp_path / "repaired"
-    assert unpoison("repair", "--model", model_path, "--data", data, "--out", out, *SMOKE) == 0
+    assert unpoison("repair", "--model", model_path, "--data", data, "--out", out, *SMOKE, "--epochs", "3") == 0
     assert seen["classes"] == list(CLASSES) and seen["profile"] == "smoke"
+    assert seen["config"].unlearn.epochs == 3 and seen["config"].sd.scorer == "expand"
     payload = torch.load(out / "model.pt", weights_only=True)
     assert payload["format"] == "unpoison-model" and payload["classes"] == list(CLASSES)
     record = json.loads((out / "repair.json").read_text())
@@ -302,7 +300,7 @@ def test_repair_drives_dbr_repair_and_keeps_the_model_contract(tmp_path, monkeyp
     assert "before" in capsys.readouterr().out
 
 
-@pytest.mark.skipif("dbr" not in DEFENSES, reason="D-BR not available")
+@pytest.mark.slow
 def test_repair_with_dbr_flags_and_writes_suspects(tmp_path):
     data = make_folder(tmp_path / "data", per_class=12, poison=2)
     model_path = _trained(tmp_path, data)
@@ -311,6 +309,14 @@ def test_repair_with_dbr_flags_and_writes_suspects(tmp_path):
     rows = read_csv(out / "suspects.csv")[1:]
     assert len(rows) == 32 and any(r[3] == "1" for r in rows)  # 36 minus 4 held out
     assert (out / "suspects.png").exists() and (out / "report.html").exists()
+    # the page embeds both pictures under their own headings, and `unpoison report` redraws it
+    page = (out / "report.html").read_text()
+    for heading in ("Suspicion scores", "Most suspicious images"):
+        assert f"<h2>{heading}</h2><figure><img alt='{heading}' src='data:image/png;base64," in page
+    assert "<h2>Held-out accuracy per epoch</h2><table>" in page
+    (out / "report.html").unlink()
+    assert unpoison("report", out) == 0
+    assert (out / "report.html").read_text() == page
     # the user path splits like `scan` (expand, trusted images from every class) ...
     sd = json.loads((out / "repair.json").read_text())["defense_config"]["sd"]
     assert (sd["scorer"], sd["clean_per_class"]) == ("expand", True)

@@ -7,35 +7,28 @@ gets `poisoned.untrusted()` and hooks that return nothing.
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from . import artifacts
 from .attacks import build_attack
-from .attacks.base import Attack, PoisonedSet
+from .config import to_plain
+from .context import DefenseContext
 from .data import load_dataset
 from .data.imageset import ImageSet
 from .defenses import build_defense
-from .config import to_plain
-from .context import DefenseContext
 from .defenses.base import DefenseResult
 from .detect import build_detector
 from .io import environment, write_json
-from .metrics import backdoor_metrics, detection_metrics, subset_accuracy
+from .metrics import backdoor_metrics, detection_metrics
+from .monitor import MONITOR_JOURNAL, Monitor
 from .profiles import get_profile
 from .report.arrays import SCORES_FILE, TRIGGER_FILE, save_scores, save_trigger_examples
 from .runtime import Runtime, generator
-
-
-MONITOR_JOURNAL = "monitor.jsonl"
+from .session import prepare_out
 
 
 @dataclass
@@ -67,81 +60,6 @@ class RunConfig:
                                   # training set, drawn from unpoisoned images
 
 
-class Monitor:
-    """Measures models from outside the defence: CA/ASR per stage (and per epoch when
-    asked, on a fixed subsample) plus training accuracy on poisoned vs clean samples.
-
-    With a journal (OUT/monitor.jsonl) every epoch's measurements and the run's elapsed time
-    are appended as they happen, so a resumed run keeps the curves and the wall time of the
-    epochs it does not train again."""
-
-    def __init__(self, test: ImageSet, attack: Attack, poisoned: PoisonedSet, runtime: Runtime,
-                 every_epoch: bool, seed: int, sample: int = 2000, journal: Path | None = None,
-                 resume: bool = False, started: float | None = None) -> None:
-        self.test, self.attack, self.runtime = test, attack, runtime
-        self.every_epoch = every_epoch
-        self.backdoor = attack.backdoor_test(test) if attack.name != "none" else None
-        g = generator(seed, "monitor")
-        self.test_sample = test.head(sample, g)
-        self.train_sample, self.sample_is_poison = self._train_sample(poisoned, sample, g)
-        self._curves: dict[tuple[str, int], dict] = {}
-        self.stage_metrics: dict[str, dict] = {}
-        self.journal, self.elapsed_before = journal, 0.0
-        self.started = time.perf_counter() if started is None else started
-        if journal is not None and resume and journal.is_file():
-            self._replay(journal)
-
-    def _replay(self, journal: Path) -> None:
-        for line in journal.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if "curve" in entry:
-                self._curves[(entry["curve"]["stage"], entry["curve"]["epoch"])] = entry["curve"]
-            self.elapsed_before = float(entry.get("elapsed", self.elapsed_before))
-
-    @property
-    def curves(self) -> list[dict]:
-        """Per-epoch records in the order first measured (an epoch trained again replaces its record)."""
-        return list(self._curves.values())
-
-    def elapsed(self) -> float:
-        """Wall seconds of the run, including the sessions before a resume."""
-        return self.elapsed_before + time.perf_counter() - self.started
-
-    def _log(self, entry: dict) -> None:
-        if self.journal is not None:
-            with open(self.journal, "a") as f:
-                f.write(json.dumps({**entry, "elapsed": round(self.elapsed(), 2)}) + "\n")
-
-    @staticmethod
-    def _train_sample(poisoned: PoisonedSet, n: int, g: torch.Generator):
-        poison = poisoned.poison_index
-        clean = (~poisoned.is_poison).nonzero().flatten()
-        pick = torch.cat([poison[torch.randperm(len(poison), generator=g)[: n // 2]],
-                          clean[torch.randperm(len(clean), generator=g)[: n // 2]]])
-        return poisoned.train.subset(pick), poisoned.is_poison[pick]
-
-    def on_epoch(self, stage: str, model: nn.Module, epoch: int) -> None:
-        if not self.every_epoch:
-            self._log({"stage": stage, "epoch": epoch + 1})
-            return
-        record = {"stage": stage, "epoch": epoch + 1}
-        record.update(backdoor_metrics(model, self.test_sample, self.attack, self.runtime))
-        record.update(subset_accuracy(model, self.train_sample, self.sample_is_poison, self.runtime))
-        self._curves[(stage, epoch + 1)] = record
-        self._log({"curve": record})
-        shown = " ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float))
-        print(f"[monitor] {stage} epoch {epoch + 1}: {shown}", file=sys.stderr, flush=True)
-
-    def on_stage(self, stage: str, model: nn.Module) -> None:
-        metrics = backdoor_metrics(model, self.test, self.attack, self.runtime, self.backdoor)
-        self.stage_metrics[stage] = metrics
-        shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        print(f"[monitor] after stage {stage}: {shown}", file=sys.stderr, flush=True)
-
-
 def load_split(cfg: RunConfig, split: str, limit: int | None) -> ImageSet:
     data = load_dataset(cfg.dataset, split, cfg.data_root)
     if data.skipped:
@@ -155,11 +73,7 @@ def load_split(cfg: RunConfig, split: str, limit: int | None) -> ImageSet:
 def run(cfg: RunConfig) -> dict[str, Any]:
     start = time.perf_counter()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        for stale in ("log.jsonl", MONITOR_JOURNAL, "metrics.json", TRIGGER_FILE, SCORES_FILE, "report.html"):
-            (out / stale).unlink(missing_ok=True)
+    prepare_out(out, cfg.resume, (MONITOR_JOURNAL, "metrics.json", TRIGGER_FILE, SCORES_FILE, "report.html"))
     profile = get_profile(cfg.profile)
     runtime = Runtime.create(cfg.device, cfg.precision, compile=cfg.compile)
     print(f"[run] {profile.note}", file=sys.stderr)

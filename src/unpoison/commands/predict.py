@@ -12,6 +12,8 @@ from pathlib import Path
 
 from ..cli import add_runtime_options
 
+PREDICTIONS_HEADER = ["path", "pred", "class_name", "confidence"]
+
 
 def register(sub) -> None:
     p = sub.add_parser("predict", help="label images with a trained model: CSV path,pred,class_name,confidence",
@@ -28,28 +30,30 @@ def register(sub) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import workflow as wf
+    from ..console import UserError, say
+    from ..data.loose import read_images_to_predict
+    from ..data.untrusted import resize_policy
     from ..io import write_csv
     from ..runtime import Runtime
     from ..train.supervised import predict
 
     model_path, data_path, out = Path(args.model).expanduser(), Path(args.data).expanduser(), Path(args.out)
     if not data_path.exists():
-        raise wf.UserError(f"--data {data_path} does not exist")
+        raise UserError(f"--data {data_path} does not exist")
     if out.is_dir():
-        raise wf.UserError(f"--out {out} is a folder; give the CSV file to write (e.g. {out}/preds.csv)")
+        raise UserError(f"--out {out} is a folder; give the CSV file to write (e.g. {out}/preds.csv)")
     runtime = Runtime.create(args.device, args.precision)
     model, info = load_user_model(model_path, runtime)
     classes, size = list(info["classes"]), tuple(info["input_size"])
-    wf.say(f"[predict] {model_path}: {info['architecture']}, {len(classes)} classes; {wf.resize_policy(size)}")
+    say(f"[predict] {model_path}: {info['architecture']}, {len(classes)} classes; {resize_policy(size)}")
 
-    images = wf.read_images_to_predict(data_path, size, classes)
+    images = read_images_to_predict(data_path, size, classes)
     if images.skipped:
-        wf.say(f"[predict] skipped {len(images.skipped)} files; first: {images.skipped[0]}")
+        say(f"[predict] skipped {len(images.skipped)} files; first: {images.skipped[0]}")
     probs = predict(model, images.images, runtime, args.batch_size).softmax(1)
     confidence, pred = probs.max(1)
     rows = [(p, int(y), classes[int(y)], f"{float(c):.6f}") for p, y, c in zip(images.paths, pred, confidence)]
-    write_csv(out, wf.PREDICTIONS_HEADER, rows)
+    write_csv(out, PREDICTIONS_HEADER, rows)
 
     counts = torch.bincount(pred, minlength=len(classes))
     top = counts.argsort(descending=True)[:5].tolist()
@@ -66,12 +70,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def load_user_model(path: Path, runtime):
     """A model.pt written by unpoison, on the runtime's device, or a clear error."""
     from .. import artifacts
-    from .. import workflow as wf
+    from ..console import UserError
 
     if path.is_dir() and not (path / "model.pt").exists():
-        raise wf.UserError(f"{path} holds no model.pt; give the file or the folder `unpoison train` wrote")
+        raise UserError(f"{path} holds no model.pt; give the file or the folder `unpoison train` wrote")
     if not path.exists():
-        raise wf.UserError(f"--model {path} does not exist")
+        raise UserError(f"--model {path} does not exist")
     try:
         model, info = artifacts.load_model(path, runtime.device)
     except artifacts.NotAnUnpoisonModel:

@@ -17,8 +17,8 @@ import argparse
 import time
 from dataclasses import replace
 
-from ..cli import _key_values, add_runtime_options
-from .train import add_held_out_options, write_run_report
+from ..cli import _key_values, add_runtime_options, add_session_options
+from .train import add_held_out_options
 
 REPAIR_BASELINES = ("ft", "fp", "nad", "anp", "mcr")
 OUTPUTS = ("model.pt", "suspects.csv", "suspects.png", "scores.png", "report.html", "repair.json", "skipped.txt")
@@ -31,8 +31,6 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="model.pt to repair, or the folder that holds it")
     p.add_argument("--data", required=True, help="ImageFolder the model was trained on (directory or archive)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="epochs of the unlearn/relearn loop")
     p.add_argument("--method", default="dbr", choices=["dbr", *REPAIR_BASELINES],
                    help="dbr (default: uses the untrusted data) or a baseline that uses --clean only")
@@ -43,78 +41,67 @@ def register(sub) -> None:
     p.add_argument("--split", default="auto", help="subfolder to use (default: train/ when present)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="defense_set",
                    help="override a D-BR setting, dotted for nested ones")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints after an interruption")
-    p.add_argument("--no-share", action="store_true", help="do not reuse models of identical earlier runs")
+    add_session_options(p)
     add_runtime_options(p)
     p.set_defaults(func=cmd_repair)
 
 
-def load_dbr():
-    """D-BR's `repair(model, data, ctx, config)` and its config class, or a clear error."""
-    from ..defenses import DEFENSES
-    from .. import workflow as wf
-
-    if "dbr" not in DEFENSES:
-        raise wf.UserError("D-BR is not available in this installation (no unpoison.defenses.dbr module)")
-    import importlib
-
-    module = importlib.import_module("unpoison.defenses.dbr")
-    if not hasattr(module, "repair"):
-        raise wf.UserError("unpoison.defenses.dbr has no repair(model, data, ctx, config) function")
-    return module.repair, DEFENSES.get("dbr")
-
-
-def load_baseline(method: str, clean_dir: str | None):
-    """A post-training baseline as `repair(model, data, ctx, config)`: it reads the --clean
-    folder (with the model's classes) and hands the method that folder only."""
+def repair_method(method: str, clean_dir: str | None):
+    """The method as `(repair(model, data, ctx, config), its Defense class)`: D-BR works on
+    the untrusted data; a post-training baseline reads the --clean folder (with the model's
+    classes) and is handed that folder only."""
     from pathlib import Path
 
-    from .. import workflow as wf
+    from ..console import UserError
+    from ..data.untrusted import load_folder
     from ..defenses import DEFENSES
+    from ..defenses.dbr import DBR, repair
     from ..defenses.posttraining import check_clean_reference
 
+    if method == "dbr":
+        return repair, DBR
     if clean_dir is None:
-        raise wf.UserError(f"--method {method} repairs with a small folder of images known to be clean: "
-                           "pass --clean DIR (an ImageFolder with the model's class names)")
+        raise UserError(f"--method {method} repairs with a small folder of images known to be clean: "
+                        "pass --clean DIR (an ImageFolder with the model's class names)")
     path = Path(clean_dir).expanduser()
     if not path.exists():
-        raise wf.UserError(f"--clean {path} does not exist")
+        raise UserError(f"--clean {path} does not exist")
     defense_class = DEFENSES.get(method)
 
-    def repair(model, data, ctx, config):
-        clean = wf.load_folder(path, None, data.image_size, classes=list(data.classes), what="clean")
+    def repair_with_clean_folder(model, data, ctx, config):
+        clean = load_folder(path, None, data.image_size, classes=list(data.classes), what="clean")
         clean = check_clean_reference(clean, data.num_classes, config.min_clean, method.upper())
         return defense_class(config).repair(model, clean, ctx)
 
-    return repair, defense_class
+    return repair_with_clean_folder, defense_class
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from torch import nn
-
     from .. import artifacts
-    from .. import workflow as wf
     from ..artifacts import dataset_digest
+    from ..config import apply_overrides
+    from ..console import say
     from ..data.cache import hash_path
-    from ..defenses.base import DefenseResult, apply_overrides
-    from ..io import environment
+    from ..data.untrusted import check_paths, load_training_data, resize_policy
+    from ..io import environment, write_json
+    from ..monitor import HeldOutMonitor, held_out_accuracy
     from ..profiles import get_profile
+    from ..report import write_report
+    from ..report.suspects import flag_summary, save_score_histogram, save_suspect_grid, summary_lines, write_suspects
     from ..runtime import Runtime
+    from ..session import check_resume, prepare_out, user_context, write_skipped
     from .predict import load_user_model
 
     start = time.perf_counter()
-    data_path, out = wf.check_paths(args.data, args.out)
-    if args.method == "dbr":
-        repair, dbr_class = load_dbr()
-    else:
-        repair, dbr_class = load_baseline(args.method, args.clean)
+    data_path, out = check_paths(args.data, args.out)
+    repair, method_class = repair_method(args.method, args.clean)
     params = _key_values(args.defense_set)
     if args.epochs is not None:
-        params[dbr_class.main_epochs] = args.epochs
-    config = dbr_class.Config.for_profile(args.profile)
-    if hasattr(config, "sd"):
+        params[method_class.main_epochs] = args.epochs
+    config = method_class.Config.for_profile(args.profile)
+    if args.method == "dbr":
         # The user path splits by the detector `scan` uses (FCT ranks a noise blend backwards)
         # and trusts 20 % of every class; `--set sd.scorer=fct --set sd.clean_per_class=false`
         # is the paper's SD module.
@@ -124,39 +111,35 @@ def cmd_repair(args: argparse.Namespace) -> int:
     runtime = Runtime.create(args.device, args.precision, compile=args.compile)
     model, info = load_user_model(Path(args.model).expanduser(), runtime)
     architecture, classes, size = info["architecture"], list(info["classes"]), tuple(info["input_size"])
-    wf.prepare_out(out, args.resume, OUTPUTS)
-    wf.say(f"[repair] {profile.note}")
-    wf.say(f"[repair] {runtime.describe()}; model {architecture} with {len(classes)} classes")
+    prepare_out(out, args.resume, OUTPUTS)
+    say(f"[repair] {profile.note}")
+    say(f"[repair] {runtime.describe()}; model {architecture} with {len(classes)} classes")
 
-    data = wf.load_training_data(data_path, args.split, size, args.val_split, args.test, args.seed, classes=classes)
-    wf.write_skipped(out, data.skipped)
-    wf.check_resume(out, args.resume, {"command": "repair", "data": dataset_digest(data.train),
-                                       "method": args.method, "clean": args.clean,
-                                       "repaired_model": hash_path(Path(args.model).expanduser()),
-                                       "config": _plain(config), "profile": args.profile, "seed": args.seed})
+    data = load_training_data(data_path, args.split, size, args.val_split, args.test, args.seed, classes=classes)
+    write_skipped(out, data.skipped)
+    check_resume(out, args.resume, {"command": "repair", "data": dataset_digest(data.train),
+                                    "method": args.method, "clean": args.clean,
+                                    "repaired_model": hash_path(Path(args.model).expanduser()),
+                                    "config": _plain(config), "profile": args.profile, "seed": args.seed})
     unknown = [s for s in data.train.skipped if "not one of the known classes" in s]
     if unknown:
-        wf.say(f"[data] warning: {len(unknown)} images are in class folders the model does not know; "
-               f"first: {unknown[0]}")
-    before = wf.accuracy(model, data.held_out, runtime) if data.held_out is not None else None
+        say(f"[data] warning: {len(unknown)} images are in class folders the model does not know; "
+            f"first: {unknown[0]}")
+    before = held_out_accuracy(model, data.held_out, runtime) if data.held_out is not None else None
     if before is not None:
-        wf.say(f"[held-out] before repair: accuracy {before:.4f}")
+        say(f"[held-out] before repair: accuracy {before:.4f}")
 
-    ctx = wf.user_context(out, runtime, args.profile, args.seed, architecture, not args.no_progress,
-                          not args.no_share, data.train)
-    monitor = wf.HeldOutMonitor(data.held_out, runtime, out, args.seed)
+    ctx = user_context(out, runtime, args.profile, args.seed, architecture, not args.no_progress,
+                       not args.no_share, data.train)
+    monitor = HeldOutMonitor(data.held_out, runtime, out, args.seed)
     monitor.attach(ctx)
     result = repair(model, data.train, ctx, config)
-    if isinstance(result, nn.Module):
-        result = DefenseResult(result)
-    if not isinstance(result, DefenseResult):
-        raise TypeError(f"D-BR's repair() returned {type(result).__name__}, expected a model or DefenseResult")
 
     repaired = artifacts.unwrap(result.model)
-    after = wf.accuracy(repaired, data.held_out, runtime) if data.held_out is not None else None
+    after = held_out_accuracy(repaired, data.held_out, runtime) if data.held_out is not None else None
     scores = result.suspicion.detach().float().cpu() if result.suspicion is not None else None
     flagged = result.flagged.bool().cpu() if result.flagged is not None else None
-    summary = wf.flag_summary(data.train, flagged) if flagged is not None else None
+    summary = flag_summary(data.train, flagged) if flagged is not None else None
     record = {
         "command": "repair", "data": data.source, "defense": args.method, "clean": args.clean, "model": architecture,
         "repaired_model": str(args.model), "profile": args.profile, "profile_note": profile.note,
@@ -166,7 +149,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
         "held_out_acc_before": before, "held_out_acc": after, "held_out_acc_by_stage": monitor.stages,
         "n_flagged": summary["n_flagged"] if summary else None,
         "flagged_concentrate_in": summary["concentrated_in"] if summary else None,
-        "n_skipped": len(data.skipped), "warnings": data.warnings, "resize_policy": wf.resize_policy(size),
+        "flagged_by_class": summary["classes"] if summary else None,
+        "n_skipped": len(data.skipped), "warnings": data.warnings, "resize_policy": resize_policy(size),
         "stages": result.stages, "notes": result.notes,
         "defense_config": {"name": args.method, **_plain(config)}, "device": runtime.describe(),
         "environment": environment(), "wall_seconds": round(time.perf_counter() - start, 1),
@@ -175,17 +159,17 @@ def cmd_repair(args: argparse.Namespace) -> int:
                                        "held_out_acc_before", "held_out_acc", "resize_policy", "defense_config")}
     metadata["previous"] = info.get("metadata", {})
     artifacts.save_model(out / "model.pt", repaired, architecture, classes, size, metadata)
-    wf.write_suspects(out / "suspects.csv", data.train, scores, flagged)
+    write_suspects(out / "suspects.csv", data.train, scores, flagged)
     if scores is not None:
-        wf.save_suspect_grid(out / "suspects.png", data.train, scores, flagged)
-        wf.save_score_histogram(out / "scores.png", scores, flagged)
-    wf.write_summary(out / "repair.json", record)
-    write_run_report(out, f"unpoison repair ({'D-BR' if args.method == 'dbr' else args.method.upper()})", record, summary, monitor.curves())
+        save_suspect_grid(out / "suspects.png", data.train, scores, flagged)
+        save_score_histogram(out / "scores.png", scores, flagged)
+    write_json(out / "repair.json", record)
+    write_report(out)
 
     fmt = lambda v: f"{v:.4f}" if v is not None else "n/a"  # noqa: E731
     print(f"held-out accuracy: {fmt(before)} before, {fmt(after)} after repair ({data.held_out_source})")
     if summary is not None:
-        for line in wf.summary_lines(summary):
+        for line in summary_lines(summary):
             print(line)
     print(f"wrote {out}/model.pt, {out}/suspects.csv, {out}/report.html")
     return 0

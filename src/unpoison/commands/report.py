@@ -8,9 +8,11 @@ import sys
 
 def register(sub) -> None:
     p = sub.add_parser("report", help="write RUN_DIR/report.html from a finished run",
-                       description="Render a run folder (metrics.json, trigger.npz, scores.npz, log.jsonl) "
-                                   "to a self-contained report.html that opens offline.")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by `unpoison run`")
+                       description="Render a run folder (metrics.json, trigger.npz, scores.npz, log.jsonl; or the "
+                                   "train.json / repair.json of `unpoison train` / `repair`) to a self-contained "
+                                   "report.html that opens offline.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="folders written by `unpoison run`, `train` or `repair`")
     p.add_argument("--out", default=None, help="output file (only with one RUN_DIR; default RUN_DIR/report.html)")
     p.set_defaults(func=cmd_report)
 

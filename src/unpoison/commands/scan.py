@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..cli import _key_values, add_runtime_options
+from ..cli import _key_values, add_input_options, add_runtime_options, add_session_options
 
 OUTPUTS = ("suspects.csv", "suspects.png", "scan.json", "skipped.txt")
 
@@ -23,78 +23,79 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--detector", default="expand",
                    help="expand (default: entropy seeds expanded by feature similarity), fct, entropy, loss or spectral")
-    p.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
     p.add_argument("--model", default="wrn16-1", help="architecture the detector trains (default: wrn16-1)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--flag-fraction", type=float, default=None,
                    help="flag this fraction of the images, most suspicious first (default: the detector's own rule)")
     p.add_argument("--top", type=int, default=64, help="images in suspects.png (default 64)")
-    p.add_argument("--image-size", type=int, default=32, help="images are resized to this square size (default 32)")
-    p.add_argument("--split", default="auto", help="subfolder to read (default: train/ when present)")
+    add_input_options(p, "read")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="detector_set",
                    help="override a detector setting, dotted for nested ones")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints after an interruption")
-    p.add_argument("--no-share", action="store_true", help="do not reuse models of identical earlier runs")
+    add_session_options(p)
     add_runtime_options(p)
     p.set_defaults(func=cmd_scan)
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from ..detect import build_detector
-    from ..profiles import get_profile
-    from ..runtime import Runtime
-    from .. import workflow as wf
     from ..artifacts import dataset_digest
+    from ..console import say
+    from ..data.checks import check_classes
+    from ..data.untrusted import check_paths, detect_split, load_folder, resize_policy
+    from ..detect import build_detector
+    from ..io import write_json
+    from ..profiles import get_profile
+    from ..report.suspects import flag_summary, flag_top, save_suspect_grid, summary_lines, write_suspects
+    from ..runtime import Runtime
+    from ..session import check_resume, prepare_out, user_context, write_skipped
 
     start = time.perf_counter()
-    data_path, out = wf.check_paths(args.data, args.out)
+    data_path, out = check_paths(args.data, args.out)
     detector = build_detector(args.detector, args.profile, **_key_values(args.detector_set))
     profile = get_profile(args.profile)
     runtime = Runtime.create(args.device, args.precision, compile=args.compile)
-    wf.prepare_out(out, args.resume, OUTPUTS)
-    wf.say(f"[scan] {profile.note}")
-    wf.say(f"[scan] {runtime.describe()}")
+    prepare_out(out, args.resume, OUTPUTS)
+    say(f"[scan] {profile.note}")
+    say(f"[scan] {runtime.describe()}")
 
     size = (args.image_size, args.image_size)
-    split = wf.detect_split(data_path, args.split)
-    checked = wf.check_classes(wf.load_folder(data_path, split, size, what="data"))
+    split = detect_split(data_path, args.split)
+    checked = check_classes(load_folder(data_path, split, size, what="data"))
     data = checked.data
-    wf.write_skipped(out, data.skipped)
-    wf.check_resume(out, args.resume, {"command": "scan", "data": dataset_digest(data),
-                                       "detector": detector.describe(), "model": args.model,
-                                       "profile": args.profile, "seed": args.seed})
+    write_skipped(out, data.skipped)
+    check_resume(out, args.resume, {"command": "scan", "data": dataset_digest(data),
+                                    "detector": detector.describe(), "model": args.model,
+                                    "profile": args.profile, "seed": args.seed})
 
-    ctx = wf.user_context(out, runtime, args.profile, args.seed, args.model, not args.no_progress,
-                          not args.no_share, data)
+    ctx = user_context(out, runtime, args.profile, args.seed, args.model, not args.no_progress,
+                       not args.no_share, data)
     detection = detector.detect(data, ctx)
     scores = detection.scores.detach().float().cpu()
     if args.flag_fraction is not None:
-        flagged, rule = wf.flag_top(scores, args.flag_fraction), f"the {args.flag_fraction:.1%} highest scores"
+        flagged, rule = flag_top(scores, args.flag_fraction), f"the {args.flag_fraction:.1%} highest scores"
     elif detection.flagged is not None:
         flagged = detection.flagged.bool().cpu()
         rule = detection.info.get("flagging_rule", f"the {detector.name} detector's own rule")
     else:
-        flagged, rule = wf.flag_top(scores, 0.1), "the 10% highest scores (the detector has no rule of its own)"
+        flagged, rule = flag_top(scores, 0.1), "the 10% highest scores (the detector has no rule of its own)"
 
-    wf.write_suspects(out / "suspects.csv", data, scores, flagged)
-    wf.save_suspect_grid(out / "suspects.png", data, scores, flagged, args.top)
-    summary = wf.flag_summary(data, flagged)
+    write_suspects(out / "suspects.csv", data, scores, flagged)
+    save_suspect_grid(out / "suspects.png", data, scores, flagged, args.top)
+    summary = flag_summary(data, flagged)
     pictures = ["suspects.png"]
     if summary["concentrated_in"] is not None:
         # a detector's very top can be clean outliers of every class (FCT on BadNets: the
         # first poisoned image at rank 52); the suspected target class's own top is clearer
-        wf.save_suspect_grid(out / "suspects_in_class.png", data, scores, flagged, args.top,
+        save_suspect_grid(out / "suspects_in_class.png", data, scores, flagged, args.top,
                              only_label=data.classes.index(summary["concentrated_in"]))
         pictures.append("suspects_in_class.png")
     record = {
         "command": "scan", "data": str(data_path) + (f"/{split}" if split else ""), "detector": detector.describe(),
         "profile": args.profile, "profile_note": profile.note, "model": args.model, "seed": args.seed,
         "flagging_rule": rule, **summary, "n_skipped": len(data.skipped), "warnings": checked.warnings,
-        "resize_policy": wf.resize_policy(size), "stages": detection.stages, "device": runtime.describe(),
+        "resize_policy": resize_policy(size), "stages": detection.stages, "device": runtime.describe(),
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
-    wf.write_summary(out / "scan.json", record)
-    for line in wf.summary_lines(summary):
+    write_json(out / "scan.json", record)
+    for line in summary_lines(summary):
         print(line)
     print(f"flagging rule: {rule}")
     print(f"wrote {out}/suspects.csv, " + ", ".join(f"{out}/{p}" for p in pictures) + f", {out}/scan.json")

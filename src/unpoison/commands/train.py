@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ..cli import _key_values, add_runtime_options
+from ..cli import _key_values, add_input_options, add_runtime_options, add_session_options
 
 OUTPUTS = ("model.pt", "suspects.csv", "suspects.png", "scores.png", "report.html", "train.json", "skipped.txt")
 
@@ -26,16 +26,12 @@ def register(sub) -> None:
     p.add_argument("--defense", default="quarantine",
                    help="quarantine (default, recommended), dlp, cbd, dst, dbr, abl, none ...")
     p.add_argument("--model", default="wrn16-1", help="architecture (default: wrn16-1)")
-    p.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="epochs of the defence's main training stage")
     add_held_out_options(p)
-    p.add_argument("--image-size", type=int, default=32, help="images are resized to this square size (default 32)")
-    p.add_argument("--split", default="auto", help="subfolder to train on (default: train/ when present)")
+    add_input_options(p, "train on")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="defense_set",
                    help="override a defence setting, dotted for nested ones (e.g. train.optim.lr=0.05)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints after an interruption")
-    p.add_argument("--no-share", action="store_true", help="do not reuse models of identical earlier runs")
+    add_session_options(p)
     add_runtime_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -48,42 +44,47 @@ def add_held_out_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .. import artifacts
-    from .. import workflow as wf
     from ..artifacts import dataset_digest
+    from ..console import say
+    from ..data.untrusted import check_paths, load_training_data, resize_policy
     from ..defenses import DEFENSES, build_defense
-    from ..io import environment
+    from ..io import environment, write_json
+    from ..monitor import HeldOutMonitor, held_out_accuracy
     from ..profiles import get_profile
+    from ..report import write_report
+    from ..report.suspects import flag_summary, save_score_histogram, save_suspect_grid, write_suspects
     from ..runtime import Runtime
+    from ..session import check_resume, prepare_out, user_context, write_skipped
 
     start = time.perf_counter()
-    data_path, out = wf.check_paths(args.data, args.out)
+    data_path, out = check_paths(args.data, args.out)
     params = _key_values(args.defense_set)
     if args.epochs is not None:
         params[DEFENSES.get(args.defense).main_epochs] = args.epochs
     defense = build_defense(args.defense, args.profile, **params)
     profile = get_profile(args.profile)
     runtime = Runtime.create(args.device, args.precision, compile=args.compile)
-    wf.prepare_out(out, args.resume, OUTPUTS)
-    wf.say(f"[train] {profile.note}")
-    wf.say(f"[train] {runtime.describe()}")
+    prepare_out(out, args.resume, OUTPUTS)
+    say(f"[train] {profile.note}")
+    say(f"[train] {runtime.describe()}")
 
-    data = wf.load_training_data(data_path, args.split, args.image_size, args.val_split, args.test, args.seed)
-    wf.write_skipped(out, data.skipped)
-    wf.check_resume(out, args.resume, {"command": "train", "data": dataset_digest(data.train),
-                                       "defense": defense.describe(), "model": args.model,
-                                       "profile": args.profile, "seed": args.seed})
-    ctx = wf.user_context(out, runtime, args.profile, args.seed, args.model, not args.no_progress,
-                          not args.no_share, data.train)
-    monitor = wf.HeldOutMonitor(data.held_out, runtime, out, args.seed)
+    data = load_training_data(data_path, args.split, args.image_size, args.val_split, args.test, args.seed)
+    write_skipped(out, data.skipped)
+    check_resume(out, args.resume, {"command": "train", "data": dataset_digest(data.train),
+                                    "defense": defense.describe(), "model": args.model,
+                                    "profile": args.profile, "seed": args.seed})
+    ctx = user_context(out, runtime, args.profile, args.seed, args.model, not args.no_progress,
+                       not args.no_share, data.train)
+    monitor = HeldOutMonitor(data.held_out, runtime, out, args.seed)
     monitor.attach(ctx)
 
     result = defense.fit(data.train, ctx)
 
     model = artifacts.unwrap(result.model)
-    held_out_acc = wf.accuracy(model, data.held_out, runtime) if data.held_out is not None else None
+    held_out_acc = held_out_accuracy(model, data.held_out, runtime) if data.held_out is not None else None
     scores = result.suspicion.detach().float().cpu() if result.suspicion is not None else None
     flagged = result.flagged.bool().cpu() if result.flagged is not None else None
-    summary = wf.flag_summary(data.train, flagged) if flagged is not None else None
+    summary = flag_summary(data.train, flagged) if flagged is not None else None
     record = {
         "command": "train", "data": data.source, "defense": args.defense, "model": args.model,
         "profile": args.profile, "profile_note": profile.note, "seed": args.seed, "n_train": len(data.train),
@@ -93,20 +94,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         "n_held_out": len(data.held_out) if data.held_out is not None else 0, "held_out_acc": held_out_acc,
         "held_out_acc_by_stage": monitor.stages, "n_flagged": summary["n_flagged"] if summary else None,
         "flagged_concentrate_in": summary["concentrated_in"] if summary else None,
-        "n_skipped": len(data.skipped), "warnings": data.warnings, "resize_policy": wf.resize_policy(data.image_size),
+        "flagged_by_class": summary["classes"] if summary else None,
+        "n_skipped": len(data.skipped), "warnings": data.warnings, "resize_policy": resize_policy(data.image_size),
         "stages": result.stages, "notes": result.notes, "defense_config": defense.describe(),
         "device": runtime.describe(), "environment": environment(),
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
     metadata = {k: record[k] for k in ("command", "data", "defense", "profile", "seed", "n_train", "held_out",
-                                       "held_out_acc", "resize_policy", "defense_config")}
+                                    "held_out_acc", "resize_policy", "defense_config")}
     artifacts.save_model(out / "model.pt", model, args.model, data.train.classes, data.image_size, metadata)
-    wf.write_suspects(out / "suspects.csv", data.train, scores, flagged)
+    write_suspects(out / "suspects.csv", data.train, scores, flagged)
     if scores is not None:
-        wf.save_suspect_grid(out / "suspects.png", data.train, scores, flagged)
-        wf.save_score_histogram(out / "scores.png", scores, flagged)
-    wf.write_summary(out / "train.json", record)
-    write_run_report(out, "unpoison train", record, summary, monitor.curves())
+        save_suspect_grid(out / "suspects.png", data.train, scores, flagged)
+        save_score_histogram(out / "scores.png", scores, flagged)
+    write_json(out / "train.json", record)
+    write_report(out)
 
     for line in plain_summary(record, summary, out, args.defense):
         print(line)
@@ -116,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def plain_summary(record: dict, summary: dict | None, out: Path, defense: str) -> list[str]:
     """What the defence did, in a user's words: images set aside and where they concentrate,
     what each stage concluded, the time against plain training, and where the outputs are."""
-    from .. import workflow as wf
+    from ..report.suspects import summary_lines
 
     wall = record["wall_seconds"]
     lines = [f"[{defense}] done in {_minutes(wall)}."]
@@ -125,7 +127,7 @@ def plain_summary(record: dict, summary: dict | None, out: Path, defense: str) -
         lines[0] += (f" Plain training of the same model would take about {_minutes(plain)} (estimated from this "
                      f"run's training stage): the defence cost {wall / plain:.1f}x that.")
     if summary is not None:
-        lines += wf.summary_lines(summary)
+        lines += summary_lines(summary)
     else:
         lines.append(f"the {defense} defence ranks no images: suspects.csv lists them unscored")
     lines += [f"- {note}" for note in record.get("notes", [])]
@@ -149,27 +151,3 @@ def plain_training_seconds(stages: list[dict], n_train: int) -> float | None:
 def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
-
-def write_run_report(out: Path, title: str, record: dict, summary: dict | None, curves: list[dict]) -> None:
-    """report.html of a user run: the summary, held-out accuracy per stage and epoch,
-    where the flagged images concentrate, and the most suspicious images."""
-    from .. import workflow as wf
-
-    shown = {k: record[k] for k in ("data", "defense", "repaired_model", "model", "profile", "seed", "n_train",
-                                    "held_out", "held_out_acc_before", "held_out_acc", "n_flagged",
-                                    "flagged_concentrate_in", "n_skipped", "resize_policy", "wall_seconds",
-                                    "device") if k in record}
-    # a stage may train a helper model (a detector's): its accuracy is that model's
-    stages = [{"stage": s.get("name"), "seconds": s.get("seconds"), "epochs": s.get("epochs"),
-               "held-out accuracy of the stage's model": record.get("held_out_acc_by_stage", {}).get(s.get("name"))}
-              for s in record.get("stages", [])]
-    tables = {"Stages": stages, "Held-out accuracy per epoch": curves}
-    if summary is not None:
-        tables["Classes (most flagged first)"] = [
-            {"class": c["class"], "training images": c["size"], "flagged": c["flagged"],
-             "share of flagged": c["share_of_flagged"]} for c in summary["classes"]]
-    else:
-        tables["Classes"] = [{"class": c, "training images": n} for c, n in record.get("class_sizes", {}).items()]
-    notes = [record.get("profile_note", "")] + list(record.get("warnings", [])) + list(record.get("notes", []))
-    wf.write_report(out / "report.html", title, shown, [n for n in notes if n],
-                    {"Suspicion scores": out / "scores.png", "Most suspicious images": out / "suspects.png"}, tables)

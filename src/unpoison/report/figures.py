@@ -1,4 +1,4 @@
-"""Figures of a run and of a benchmark grid, drawn with matplotlib's Agg canvas to PNG bytes.
+"""Figures of a run, of a user command's suspects and of a benchmark grid, drawn with matplotlib's Agg canvas to PNG bytes.
 
 No pyplot: each function builds its own `Figure`, so nothing here touches global
 matplotlib state or needs a display.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from typing import Any, Iterable
 
 import numpy as np
@@ -200,6 +201,43 @@ def scores_figure(scores: np.ndarray, is_poison: np.ndarray, auroc: float | None
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    return to_png(fig)
+
+
+# ---------------------------------------------------------------------------- suspects (user commands)
+def image_grid_figure(images: list[np.ndarray], titles: list[str], heading: str, columns: int = 8) -> bytes:
+    """Images (HWC uint8) in rows of `columns`, each under its title. Titles come from the
+    data (class names): parse_math=False keeps a folder named "$\\foo" from the mathtext parser."""
+    rows = max(1, -(-len(images) // columns))
+    fig = _figure(columns * 1.6, rows * 1.85 + 0.3)
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(title, fontsize=7, parse_math=False)
+    fig.suptitle(heading, fontsize=9, parse_math=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # missing glyphs for exotic class names
+        return to_png(fig)
+
+
+def flagged_histogram_figure(scores: np.ndarray, flagged: np.ndarray | None) -> bytes:
+    """Histogram of suspicion scores on a log count axis, flagged images in red: a backdoor
+    tends to show as a separate mode at the high end; clean data as one smooth hump."""
+    values = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    bins = np.histogram_bin_edges(values, bins=60)
+    fig = _figure(7, 3)
+    ax = fig.subplots()
+    if flagged is not None and flagged.any():
+        ax.hist(values[~flagged], bins=bins, color="#4a7ebb", label="not flagged")
+        ax.hist(values[flagged], bins=bins, color="#c0392b", label="flagged")
+        ax.legend()
+    else:
+        ax.hist(values, bins=bins, color="#4a7ebb")
+    ax.set_yscale("log")
+    ax.set_xlabel("suspicion score (higher = more suspicious)")
+    ax.set_ylabel("images")
     return to_png(fig)
 
 

@@ -29,7 +29,8 @@ Why each setting exists (measured; benchmarks/RESULTS.md, D-BR and DLP sections)
   until its accuracy is back within `trusted_tolerance` of where it was before.
   `stall_epochs` > 0 adds two more: "stalled" (the suspected set's accuracy fell by less
   than `stall_delta` over the last `stall_epochs` epochs: what is left is clean images or
-  poison relearning holds up) and "eroding" (the trusted set's fell by more: the ascent
+  poison relearning holds up; not while the set is at chance and the trusted set is still
+  being refitted) and "eroding" (the trusted set's fell by more: the ascent
   is unlearning what clean images share).
 
 `UnlearnConfig.plain_ascent()` is the papers' unguarded ascent; `UnlearnConfig.guarded()`
@@ -162,7 +163,13 @@ def stop_reason(suspected_accs: list[float], trusted_accs: list[float], trusted_
     refitted = trusted_before is None or trusted_accs[-1] >= trusted_before - cfg.trusted_tolerance
     if cfg.stop == "unlearned" and now <= 0.0 or cfg.stop == "chance" and now <= 1.0 / num_classes:
         return cfg.stop if refitted else None   # unlearned: only relearning is left to finish
-    if 0 < cfg.stall_epochs < len(suspected_accs) and suspected_accs[-1 - cfg.stall_epochs] - now < cfg.stall_delta:
+    window = cfg.stall_epochs
+    # a suspected set already at chance while relearning is still refitting the trusted set is
+    # not stalled: what is left is the relearning "unlearned" waits for (DLP's AU on BadNets
+    # stopped at 3 % suspected accuracy with the trusted set recovering 0.22 -> 0.30 -> 0.33)
+    recovering = (now <= 1.0 / num_classes and 0 < window < len(trusted_accs)
+                  and trusted_accs[-1] - trusted_accs[-1 - window] > cfg.stall_delta)
+    if 0 < window < len(suspected_accs) and suspected_accs[-1 - window] - now < cfg.stall_delta and not recovering:
         return "stalled"
     if 0 < cfg.stall_epochs < len(trusted_accs) and trusted_accs[-1 - cfg.stall_epochs] - trusted_accs[-1] > cfg.stall_delta:
         return "eroding"
