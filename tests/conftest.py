@@ -32,8 +32,13 @@ def data_root() -> Path | None:
     return None
 
 
-requires_cifar = pytest.mark.skipif(data_root() is None, reason="CIFAR-10 not found: set UNPOISON_DATA "
-                                    "to a folder with cifar10-jpeg.tar.gz")
+_CIFAR_FOUND = pytest.mark.skipif(data_root() is None, reason="CIFAR-10 not found: set UNPOISON_DATA "
+                                  "to a folder with cifar10-jpeg.tar.gz")
+
+
+def requires_cifar(test):
+    """A test on the real CIFAR-10: marked integration and slow, skipped without the data."""
+    return pytest.mark.integration(pytest.mark.slow(_CIFAR_FOUND(test)))
 
 
 def toy_dataset(n: int = 256, num_classes: int = 4, size: int = 16, seed: int = 0) -> ImageSet:

@@ -31,6 +31,7 @@ def _toy(n=512, n_test=256):
     return attack, attack.poison(data, torch.Generator().manual_seed(0)), test
 
 
+@pytest.mark.slow
 def test_loss_detector_isolates_the_lowest_loss_fraction(tmp_path, cpu):
     _, poisoned, _ = _toy()
     ctx = DefenseContext(cpu, "smoke", 0, "wrn16-1", tmp_path, progress=False)
@@ -40,6 +41,7 @@ def test_loss_detector_isolates_the_lowest_loss_fraction(tmp_path, cpu):
     assert detection.scores[flagged].min() >= detection.scores[~flagged].max()   # lowest loss = highest score
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sequential", "joint"])
 def test_smoke_abl_runs_both_stage_two_forms(tmp_path, cpu, mode):
     attack, poisoned, test = _toy(256, 128)

@@ -24,6 +24,7 @@ def backdoor():
 
 # AC with PCA: on the toy's 64-d features FastICA (the paper's reduction, the default) rescales
 # noise directions to unit variance and 2-means splits the target class along one of them
+@pytest.mark.slow
 @pytest.mark.parametrize("name,settings", [("ac", {"reduction": "pca"}), ("strip", {})])
 def test_detector_ranks_poisoned_above_clean(backdoor, tmp_path, name, settings):
     poisoned, model = backdoor

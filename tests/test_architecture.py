@@ -106,3 +106,25 @@ def test_old_import_paths_still_work():
 
     assert DefenseContext is context.DefenseContext and StageTimer is context.StageTimer
     assert train_standard is context.train_standard
+
+
+def test_no_module_is_longer_than_400_lines():
+    lengths = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert {name: n for name, n in lengths.items() if n > 400} == {}
+
+
+def test_figures_never_touch_pyplot_global_state():
+    users = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+             if any(m == "matplotlib.pyplot" or m.startswith("matplotlib.pyplot.") for m in _all_imports(p))]
+    assert users == []
+
+
+def _all_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return found

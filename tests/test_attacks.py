@@ -123,6 +123,7 @@ def test_trojannn_selects_the_most_connected_neurons():
     assert len(select_neurons(model, "block2", 3)) == 3                          # a conv layer's channels
 
 
+@pytest.mark.slow
 def test_trojannn_optimises_a_patch_that_drives_the_neurons_and_stays_in_its_mask(tmp_path, cpu):
     data = toy_dataset(256, 4, size=16)
     attack = TrojanNN(target=1, size=3, position=(2, 5), steps=30, sample=32)
@@ -304,6 +305,7 @@ def assert_backdoor_learned(attack, poisoned_train, clean_model, cpu):
     assert metrics["asr"] > 0.6 and metrics["asr"] > chance + 0.4, (metrics, chance)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, params", [
     ("badnets", {}),
     ("blended", {}),
@@ -319,6 +321,7 @@ def test_a_tiny_model_learns_each_dirty_label_backdoor(name, params, cpu, clean_
     assert_backdoor_learned(attack, poisoned.untrusted(), clean_tiny_model, cpu)
 
 
+@pytest.mark.slow
 def test_a_tiny_model_learns_the_optimised_trojannn_backdoor(tmp_path, cpu, clean_tiny_model):
     data = structured_dataset(TINY_TRAIN)
     attack = TrojanNN(target=0, rate=0.15, steps=20, sample=32)

@@ -130,6 +130,7 @@ def small_grid(**changes) -> Grid:
     return Grid.from_dict(raw, "toy.yaml")
 
 
+@pytest.mark.slow
 def test_bench_runs_resumes_and_shards_merge_to_the_same_table(tmp_path, toy_root, monkeypatch):
     grid = small_grid()
     full = tmp_path / "full"
@@ -180,6 +181,7 @@ def strip_times(markdown: str) -> str:
     return "\n".join(line.rsplit("|", 2)[0] if line.startswith("|") else line for line in lines)
 
 
+@pytest.mark.slow
 def test_a_changed_default_makes_a_stored_result_stale(tmp_path, toy_root, monkeypatch):
     """The grid did not change but the code's recipe did (a profile was retuned): rerun."""
     from dataclasses import replace
@@ -200,6 +202,7 @@ def test_a_changed_default_makes_a_stored_result_stale(tmp_path, toy_root, monke
     assert bench.stored_result(bench.cell_dir(tmp_path, cell) / "metrics.json", cell) is None
 
 
+@pytest.mark.slow
 def test_committed_results_are_reused_and_written(tmp_path, toy_root, monkeypatch):
     grid = small_grid(seeds=[0], attacks=["badnets"], defenses=["none"])
     committed = tmp_path / "results"
@@ -227,6 +230,7 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path, toy_root):
     assert "Not finished" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_cli_bench_end_to_end(tmp_path, toy_root):
     from unpoison.cli import main
 

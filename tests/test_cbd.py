@@ -104,6 +104,7 @@ def test_f_b_stays_frozen_in_eval_mode_while_f_c_trains(tmp_path, cpu):
     assert clean is not backdoored
 
 
+@pytest.mark.slow
 def test_resumed_clean_stage_equals_an_uninterrupted_one(tmp_path, cpu, monkeypatch):
     from unpoison.train import engine as engine_module
 
@@ -190,6 +191,7 @@ def _hard_toy(n: int, size: int = 8, classes: int = 4, seed: int = 0) -> ImageSe
     return ImageSet(images, labels, [f"class{i}" for i in range(classes)])
 
 
+@pytest.mark.slow
 def test_smoke_cbd_lowers_the_asr_of_a_tiny_backdoor(tmp_path, cpu):
     full = _hard_toy(768)
     train, test = full.subset(torch.arange(512)), full.subset(torch.arange(512, 768))

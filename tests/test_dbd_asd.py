@@ -13,6 +13,7 @@ from unpoison.runtime import Runtime, generator
 CPU = Runtime.create("cpu", "fp32")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dbd", "asd"])
 def test_training_time_baseline_resists_the_toy_backdoor(tmp_path, name):
     poisoned, attack, test = tiny_backdoor()

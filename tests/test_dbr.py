@@ -39,6 +39,7 @@ def _split(n: int, poisoned: torch.Tensor, clean: torch.Tensor) -> SampleSplit:
     return SampleSplit(torch.zeros(n), clean, poisoned)
 
 
+@pytest.mark.slow
 def test_br_with_a_precise_split_removes_the_backdoor_and_keeps_clean_accuracy(backdoor, tmp_path):
     poisoned, attack, test, model = backdoor
     before = backdoor_metrics(model, test, attack, CPU)
@@ -55,6 +56,7 @@ def test_br_with_a_precise_split_removes_the_backdoor_and_keeps_clean_accuracy(b
     assert after["clean_acc"] > 0.85     # chance 0.25; the ascent first costs the target class, relearning returns it
 
 
+@pytest.mark.slow
 def test_repair_runs_sd_then_br_and_leaves_the_input_model_untouched(backdoor, tmp_path):
     """End to end on the toy set: the pipeline, the split's precision and that the input is
     not modified (the test above checks BR's effect)."""
@@ -70,6 +72,7 @@ def test_repair_runs_sd_then_br_and_leaves_the_input_model_untouched(backdoor, t
     assert result.model is not model
 
 
+@pytest.mark.slow
 def test_repair_with_the_expand_scorer_and_a_per_class_trusted_set(backdoor, tmp_path):
     poisoned, attack, test, model = backdoor
     config = replace(_smoke_without_augmentation(),

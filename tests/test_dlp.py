@@ -87,6 +87,7 @@ def test_quick_au_is_the_guarded_loop_and_says_so():
     assert "filter.sl.epochs: 2 (paper: 10)" in found
 
 
+@pytest.mark.slow
 def test_quick_au_unlearns_a_toy_backdoor_and_keeps_the_clean_task(tmp_path, cpu):
     """The stage DLP runs in quick (AU with D'_c relearned) on a saturated toy backdoor: the
     suspected images lose their label while the trusted ones keep theirs."""
@@ -107,6 +108,7 @@ def test_quick_au_unlearns_a_toy_backdoor_and_keeps_the_clean_task(tmp_path, cpu
     assert accuracy(model, trusted) > 0.8
 
 
+@pytest.mark.slow
 def test_the_defence_only_ever_gets_images_and_labels(tmp_path, cpu, monkeypatch):
     """DLP.fit takes an ImageSet (no poison mask); FixMatch gets the unlabelled images only."""
     assert list(inspect.signature(DLP.fit).parameters) == ["self", "data", "ctx"]
@@ -127,6 +129,7 @@ def test_the_defence_only_ever_gets_images_and_labels(tmp_path, cpu, monkeypatch
     assert len(seen["labelled"]) + len(seen["unlabelled"]) == 128
 
 
+@pytest.mark.slow
 def test_smoke_dlp_removes_a_toy_backdoor(tmp_path, cpu):
     attack, poisoned, test = _backdoored_toy(512, n_test=256)
     measured = {}   # from outside, as the runner does: the SL model is the backdoored one
@@ -140,6 +143,7 @@ def test_smoke_dlp_removes_a_toy_backdoor(tmp_path, cpu):
     assert final["clean_acc"] > 0.8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order,stages", [("sl-assft", ["SL", "filter", "ASSFT"]),
                                           ("sl-assft-au", ["SL", "filter", "ASSFT", "AU"])])
 def test_ablation_orders(tmp_path, cpu, order, stages):

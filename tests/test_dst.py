@@ -45,6 +45,7 @@ def test_encoder_is_built_from_the_config_model(tmp_path, monkeypatch):
     assert isinstance(built[0], ResNet18)
 
 
+@pytest.mark.slow
 def test_smoke_dst_lowers_asr_against_a_tiny_backdoor(tmp_path):
     poisoned, attack, test = tiny_backdoor()
     undefended = train_toy_backdoored(poisoned, name="undefended")
@@ -64,6 +65,7 @@ def test_smoke_dst_lowers_asr_against_a_tiny_backdoor(tmp_path):
     assert all(p.requires_grad for p in result.model.parameters())
 
 
+@pytest.mark.slow
 def test_dst_killed_during_ss_ctl_resumes_to_the_same_model(tmp_path, monkeypatch):
     from unpoison.train import engine as engine_module
 

@@ -27,6 +27,7 @@ def _engine(data, cpu, ckpt, ema):
                   steps_per_epoch=8, seed=7, checkpoint_dir=ckpt, ema_decay=ema, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ema", [None, 0.9])
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, cpu, ema):
     data = toy_dataset(256, 4)

@@ -47,6 +47,7 @@ def test_seed_similarity_is_chunk_independent_and_rejects_a_single_seed():
         seed_similarity(features, torch.tensor([0]), 2)
 
 
+@pytest.mark.slow
 def test_expand_detector_ranks_the_poisoned_samples_first(tmp_path, cpu):
     attack, poisoned, _ = _backdoored_toy()
     ctx = DefenseContext(cpu, "smoke", 0, "wrn16-1", tmp_path, progress=False)

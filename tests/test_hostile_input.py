@@ -229,6 +229,7 @@ def test_an_output_folder_inside_the_data_folder_is_refused(tmp_path, capsys):
     assert not (data / "results").exists()
 
 
+@pytest.mark.slow
 def test_hostile_class_names_are_escaped_in_the_report_and_the_grid(tmp_path):
     names = ("<img src=x onerror=alert(1)>", "$\\frac{1}{", "a,b\"c")  # a folder name cannot hold '/'
     data = make_folder(tmp_path / "data", per_class=8, classes=names, poison=2)
@@ -298,6 +299,7 @@ def test_duplicates_across_classes_are_warned_about(tmp_path, capsys):
 
 # ----------------------------------------------------------------------- atomic outputs
 
+@pytest.mark.slow
 def test_every_output_is_written_by_rename(tmp_path, monkeypatch):
     data = make_folder(tmp_path / "data", per_class=6, poison=2)
     out = tmp_path / "out"

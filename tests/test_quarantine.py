@@ -53,6 +53,7 @@ def test_contradicted_groups_unlearn_labels_contradicted_beyond_their_kept_image
     assert everything.nonzero().flatten().tolist() == list(range(12)) + [20, 21, 22, 23]
 
 
+@pytest.mark.slow
 def test_quarantine_removes_the_toy_backdoor_that_plain_training_learns(tmp_path):
     poisoned, attack, test = tiny_backdoor()
     plain = backdoor_metrics(train_toy_backdoored(poisoned), test, attack, CPU)
@@ -91,6 +92,7 @@ def test_settings_are_checked():
     assert Quarantine.for_profile("quick").config.train.epochs == 10
 
 
+@pytest.mark.slow
 def test_train_defaults_to_quarantine_and_says_what_it_did(tmp_path, capsys):
     data = make_folder(tmp_path / "data", per_class=40, poison=8)
     out = tmp_path / "out"
@@ -102,6 +104,7 @@ def test_train_defaults_to_quarantine_and_says_what_it_did(tmp_path, capsys):
     assert "set aside" in said and f"{out}/suspects.csv" in said and f"{out}/report.html" in said
 
 
+@pytest.mark.slow
 def test_train_killed_mid_epoch_after_the_verdict_resumes_to_identical_outputs(tmp_path, monkeypatch):
     from test_workflow import _assert_same_outputs, _reference_and_killed
 

@@ -33,6 +33,7 @@ def _ctx(tmp_path, clean=None) -> DefenseContext:
     return ctx
 
 
+@pytest.mark.slow
 def test_clean_reference_holds_only_unpoisoned_images_with_their_true_labels(backdoor):
     poisoned, *_, clean = backdoor
     assert len(clean) == round(0.25 * len(poisoned.is_poison))
@@ -44,6 +45,7 @@ def test_clean_reference_holds_only_unpoisoned_images_with_their_true_labels(bac
         assert len(match) >= 1 and int(poisoned.original_labels[clean_index[match[0]]]) == int(label)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS)
 def test_repair_lowers_asr_from_the_clean_reference_alone(backdoor, tmp_path, name):
     poisoned, attack, test, model, clean = backdoor
@@ -60,6 +62,7 @@ def test_repair_lowers_asr_from_the_clean_reference_alone(backdoor, tmp_path, na
     assert backdoor_metrics(model, test, attack, CPU)["asr"] == before["asr"]
 
 
+@pytest.mark.slow
 def test_fit_hands_the_method_the_clean_reference_and_never_the_untrusted_set(backdoor, tmp_path, monkeypatch):
     poisoned, _, _, model, clean = backdoor
     seen = {}
@@ -75,6 +78,7 @@ def test_fit_hands_the_method_the_clean_reference_and_never_the_untrusted_set(ba
     assert seen["clean"] is clean
 
 
+@pytest.mark.slow
 def test_a_missing_small_or_incomplete_clean_reference_is_a_clear_error(backdoor, tmp_path):
     poisoned, *_, clean = backdoor
     data = poisoned.untrusted()
@@ -99,6 +103,7 @@ def test_run_draws_the_clean_reference_for_a_repair_baseline_only(tmp_path):
     assert "n_clean_reference" not in run(RunConfig(out=str(tmp_path / "none"), **base))
 
 
+@pytest.mark.slow
 def test_repair_command_with_a_baseline_reads_the_clean_folder_only(tmp_path):
     import json
 

@@ -77,6 +77,7 @@ def section(page: str, name: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.slow
 def test_run_saves_what_the_report_draws(stored_run):
     metrics = json.loads((stored_run / "metrics.json").read_text())
     scores = load_arrays(stored_run / SCORES_FILE)
@@ -158,6 +159,7 @@ def test_trigger_examples_pair_clean_and_poisoned_images(tmp_path):
     assert list(arrays["classes"]) == data.classes
 
 
+@pytest.mark.slow
 def test_chromium_renders_the_report(stored_run, tmp_path):
     from unpoison.report.browser import find_chromium, images_loaded, screenshot
 

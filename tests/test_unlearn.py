@@ -115,6 +115,7 @@ def test_presets_name_the_unguarded_and_guarded_loops():
 # ---------------------------------------------------------------------------- the ascent pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batchnorm,changes", [("running", False), ("train", True)])
 def test_ascent_with_running_statistics_leaves_batchnorm_buffers_unchanged(backdoor, batchnorm, changes):
     """With running statistics the triggered batches are normalised as at test time and do
@@ -170,6 +171,7 @@ def test_alternating_epoch_runs_both_passes_on_one_optimiser(backdoor, fitted_en
     assert engine.step_count == 1 + 8 == engine.steps_per_epoch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss,lr,stall", [("margin", 2e-4, 0), ("complement", 1e-3, 2)])
 def test_guarded_loop_removes_the_toy_backdoor_and_keeps_clean_accuracy(backdoor, loss, lr, stall):
     poisoned, attack, test, model = backdoor
@@ -223,6 +225,7 @@ def test_stop_reason_tells_chance_unlearned_stalled_and_eroding():
     assert reason([1.0, 0.0], [0.8], config=replace(cfg, stop="never")) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", ["unlearned", "never"])
 def test_loop_ends_once_no_suspected_image_keeps_its_label(backdoor, fitted_engines, stop):
     poisoned, _, _, model = backdoor
@@ -262,6 +265,7 @@ def test_a_set_already_unlearned_takes_no_step(backdoor):
     assert all(torch.equal(before[k], v) for k, v in after.state_dict().items())
 
 
+@pytest.mark.slow
 def test_loop_ends_when_unlearning_stalls_on_clean_suspects(backdoor, fitted_engines):
     """Clean images as the suspected set (what a detector flags on clean data): relearning
     holds them up; the loop ends at the first epoch where a stall or erosion shows, never

@@ -49,6 +49,7 @@ def test_spectral_flags_follow_the_papers_rule():
 
 # ----------------------------------------------------------------------- scan
 
+@pytest.mark.slow
 def test_scan_ranks_writes_a_grid_and_summarises(tmp_path, capsys):
     data = make_folder(tmp_path / "data", per_class=16, poison=4)
     out = tmp_path / "scan"
@@ -72,6 +73,7 @@ def test_scan_ranks_writes_a_grid_and_summarises(tmp_path, capsys):
     assert "flagged 5 of 48 images" in printed and "by class:" in printed
 
 
+@pytest.mark.slow
 def test_scan_defaults_to_expand_and_flags_ten_percent(tmp_path):
     data = make_folder(tmp_path / "data", per_class=16, poison=4)
     out = tmp_path / "scan"
@@ -237,6 +239,7 @@ def _assert_same_outputs(a, b):
     assert not list(b.glob(".*.tmp*"))  # no temporary file survives
 
 
+@pytest.mark.slow
 def test_train_killed_mid_epoch_resumes_to_identical_outputs(tmp_path, monkeypatch):
     data = make_folder(tmp_path / "data", per_class=30)
     # 81 training images, batch 64: 2 steps per epoch; step 3 is the middle of epoch 2 of 3
@@ -244,6 +247,7 @@ def test_train_killed_mid_epoch_resumes_to_identical_outputs(tmp_path, monkeypat
     _assert_same_outputs(tmp_path / "a", tmp_path / "b")
 
 
+@pytest.mark.slow
 def test_multi_stage_defence_killed_in_a_later_stage_resumes_identically(tmp_path, monkeypatch):
     data = make_folder(tmp_path / "data", per_class=12, poison=2)
     # D-BR: the baseline, the SD model, then the unlearn/relearn loop (an unlearn and a
@@ -256,6 +260,7 @@ def test_multi_stage_defence_killed_in_a_later_stage_resumes_identically(tmp_pat
     assert json.loads((tmp_path / "b" / "train.json").read_text())["n_flagged"] > 0
 
 
+@pytest.mark.slow
 def test_dlp_killed_during_fine_tuning_resumes_identically(tmp_path, monkeypatch):
     data = make_folder(tmp_path / "data", per_class=16, poison=2)
     # DLP: SL, AU, then ASSFT (FixMatch, several steps per epoch): killed at ASSFT's 3rd step
@@ -295,6 +300,7 @@ def test_repair_drives_dbr_repair_and_keeps_the_model_contract(tmp_path, monkeyp
     assert "before" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_repair_with_dbr_flags_and_writes_suspects(tmp_path):
     data = make_folder(tmp_path / "data", per_class=12, poison=2)
     model_path = _trained(tmp_path, data)

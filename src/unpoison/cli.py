@@ -47,6 +47,20 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_input_options(p: argparse.ArgumentParser, split_help: str) -> None:
+    """How an untrusted folder is read: the image size and the subfolder."""
+    p.add_argument("--image-size", type=int, default=32, help="images are resized to this square size (default 32)")
+    p.add_argument("--split", default="auto", help=f"subfolder to {split_help} (default: train/ when present)")
+
+
+def add_session_options(p: argparse.ArgumentParser) -> None:
+    """Profile, seed, --resume and --no-share: for a command that trains into an output folder."""
+    p.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints after an interruption")
+    p.add_argument("--no-share", action="store_true", help="do not reuse models of identical earlier runs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unpoison", description=__doc__)
     parser.add_argument("--version", action="version", version=f"unpoison {__version__}")

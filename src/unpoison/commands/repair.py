@@ -17,7 +17,7 @@ import argparse
 import time
 from dataclasses import replace
 
-from ..cli import _key_values, add_runtime_options
+from ..cli import _key_values, add_runtime_options, add_session_options
 from .train import add_held_out_options
 
 REPAIR_BASELINES = ("ft", "fp", "nad", "anp", "mcr")
@@ -31,8 +31,6 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="model.pt to repair, or the folder that holds it")
     p.add_argument("--data", required=True, help="ImageFolder the model was trained on (directory or archive)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="epochs of the unlearn/relearn loop")
     p.add_argument("--method", default="dbr", choices=["dbr", *REPAIR_BASELINES],
                    help="dbr (default: uses the untrusted data) or a baseline that uses --clean only")
@@ -43,8 +41,7 @@ def register(sub) -> None:
     p.add_argument("--split", default="auto", help="subfolder to use (default: train/ when present)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="defense_set",
                    help="override a D-BR setting, dotted for nested ones")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints after an interruption")
-    p.add_argument("--no-share", action="store_true", help="do not reuse models of identical earlier runs")
+    add_session_options(p)
     add_runtime_options(p)
     p.set_defaults(func=cmd_repair)
 

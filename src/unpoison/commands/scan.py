@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..cli import _key_values, add_runtime_options
+from ..cli import _key_values, add_input_options, add_runtime_options, add_session_options
 
 OUTPUTS = ("suspects.csv", "suspects.png", "scan.json", "skipped.txt")
 
@@ -23,18 +23,14 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--detector", default="expand",
                    help="expand (default: entropy seeds expanded by feature similarity), fct, entropy, loss or spectral")
-    p.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
     p.add_argument("--model", default="wrn16-1", help="architecture the detector trains (default: wrn16-1)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--flag-fraction", type=float, default=None,
                    help="flag this fraction of the images, most suspicious first (default: the detector's own rule)")
     p.add_argument("--top", type=int, default=64, help="images in suspects.png (default 64)")
-    p.add_argument("--image-size", type=int, default=32, help="images are resized to this square size (default 32)")
-    p.add_argument("--split", default="auto", help="subfolder to read (default: train/ when present)")
+    add_input_options(p, "read")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="detector_set",
                    help="override a detector setting, dotted for nested ones")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints after an interruption")
-    p.add_argument("--no-share", action="store_true", help="do not reuse models of identical earlier runs")
+    add_session_options(p)
     add_runtime_options(p)
     p.set_defaults(func=cmd_scan)
 

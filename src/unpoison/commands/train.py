@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ..cli import _key_values, add_runtime_options
+from ..cli import _key_values, add_input_options, add_runtime_options, add_session_options
 
 OUTPUTS = ("model.pt", "suspects.csv", "suspects.png", "scores.png", "report.html", "train.json", "skipped.txt")
 
@@ -26,16 +26,12 @@ def register(sub) -> None:
     p.add_argument("--defense", default="quarantine",
                    help="quarantine (default, recommended), dlp, cbd, dst, dbr, abl, none ...")
     p.add_argument("--model", default="wrn16-1", help="architecture (default: wrn16-1)")
-    p.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="epochs of the defence's main training stage")
     add_held_out_options(p)
-    p.add_argument("--image-size", type=int, default=32, help="images are resized to this square size (default 32)")
-    p.add_argument("--split", default="auto", help="subfolder to train on (default: train/ when present)")
+    add_input_options(p, "train on")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="defense_set",
                    help="override a defence setting, dotted for nested ones (e.g. train.optim.lr=0.05)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints after an interruption")
-    p.add_argument("--no-share", action="store_true", help="do not reuse models of identical earlier runs")
+    add_session_options(p)
     add_runtime_options(p)
     p.set_defaults(func=cmd_train)
 

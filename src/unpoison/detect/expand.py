@@ -1,10 +1,10 @@
 """Seed expansion: DLP's entropy filter, carried from its most certain few to the rest.
 
 Why. After a short SL run the lowest-entropy 1 % of a poisoned training set is almost all
-poisoned (DLP's filter precision: BadNets 1.000, TrojanNN 0.998), but further down the
-entropy ranking the poisoned images mix with easy clean images the model is just as sure
-of: at 10 % flagged the entropy ranking recalls 81-93 % of a 10 % BadNets or Blended poison,
-depending on the seed and on the step where SL happens to stop (benchmarks/RESULTS.md).
+poisoned (DLP's filter precision), but further down the entropy ranking the poisoned images
+mix with easy clean images the model is just as sure of, so the ranking's recall at 10 %
+flagged falls short and moves with the seed and with the step where SL happens to stop
+(measured in benchmarks/RESULTS.md, "The `expand` detector").
 What the poisoned images share is not how confident the model is but why: the trigger.
 In the same model's penultimate features they lie close to each other and to the seeds,
 away from clean images, however confident those are.

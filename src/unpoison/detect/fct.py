@@ -40,8 +40,8 @@ class SDConfig:
     """The SD module. Paper profile = the official code (ResNet-18 with stem max-pool).
 
     quick: the run's model (WRN-16-1 by default; ResNet-18 is ~10x slower on this CPU), the
-    paper's 2 CE epochs and 4 (not 10) centroid-separation epochs on the full set: one epoch of
-    50k images costs ~165 s on 2 idle cores. smoke: 3 + 1 epochs of 32-image batches at lr 0.05.
+    paper's 2 CE epochs and 4 (not 10) centroid-separation epochs on the full set, since each
+    epoch of 50k images is minutes on a CPU (benchmarks/RESULTS.md, engine throughput). smoke: 3 + 1 epochs of 32-image batches at lr 0.05.
     """
 
     model: str | None = None          # None: the run's --model; paper: "resnet18-maxpool"
