@@ -113,3 +113,22 @@ def test_train_killed_mid_epoch_after_the_verdict_resumes_to_identical_outputs(t
     # comes after epoch 2 of 4 (verify_at 0.4 of 4 rounds to 2), step 6 is inside epoch 3
     _reference_and_killed(tmp_path, monkeypatch, data, ("--epochs", "4"), "train", 6)
     _assert_same_outputs(tmp_path / "a", tmp_path / "b")
+
+
+def test_recheck_and_repair_never_leave_a_worse_model_on_the_toy(tmp_path):
+    """With the recheck on, whatever it finds late is repaired or the repair is undone: the
+    toy backdoor stays removed and clean accuracy stays where training left it."""
+    poisoned, attack, test = tiny_backdoor()
+    defense = build_defense("quarantine", "smoke")
+    defense.config = replace(defense.config, train=TOY_RECIPE, quarantine_fraction=0.2, recheck=True)
+    result = defense.fit(poisoned.untrusted(), _ctx(tmp_path))
+    names = [s["name"] for s in result.stages]
+    assert "recheck" in names
+    after = backdoor_metrics(result.model, test, attack, CPU)
+    assert after["asr"] < 0.1 and after["clean_acc"] > 0.9, (names, result.notes, after)
+    # the repair itself on a late set of clean images: it is undone, or it kept the trusted fit
+    data = poisoned.untrusted()
+    late = torch.zeros(len(data), dtype=torch.bool)
+    late[(~poisoned.is_poison).nonzero().flatten()[:30]] = True
+    repaired, undone = defense.repair(result.model, data, ~late, late, torch.zeros(len(data)), _ctx(tmp_path / "r"))
+    assert (repaired is result.model) == undone

@@ -48,14 +48,13 @@ from ..context import train_standard
 from ..data.batches import batch_indices
 from ..data.imageset import ImageSet
 from ..detect.expand import ExpandConfig, SeedExpansion, seed_similarity
-from ..detect.fct import SampleSplit
 from ..profiles import get_profile
 from ..runtime import generator
 from ..train.engine import Engine
 from ..train.supervised import DeviceData, TrainConfig, extract_features, predict
-from ..train.unlearn import UnlearnConfig, unlearning_loss
+from ..train.unlearn import UnlearnConfig, suspected_accuracy, unlearn, unlearning_loss
 from .base import Defense, DefenseContext, DefenseResult, StageTimer
-from .dbr import DBRConfig, unlearn_relearn
+from .dbr import DBRConfig
 
 MIN_PER_CLASS = 10   # below this many images in a class the probe's seeds mean nothing
 MIN_REPAIR = 20      # a late set smaller than this is noise, not a backdoor worth an ascent
@@ -71,8 +70,8 @@ class QuarantineConfig:
     # a label group's contradicted images are unlearned when its contradiction rate exceeds the
     # kept images' of that label by this many standard errors (None: every contradicted image)
     group_z: float | None = 3.0
-    # off by default: measured on CIFAR-10 (RESULTS, "default defence") the repair it triggers
-    # costs 1.3-2.7 points of CA on every set and only WaNet gains (ASR 93 -> 28 %)
+    # off by default: on CIFAR-10 the repair it triggers cost CA on every set and helped only
+    # WaNet (benchmarks/RESULTS.md, "The default defence")
     recheck: bool = False
     recheck_seed_fraction: float = 0.01  # seeds of the recheck, as a share of the set
     recheck_fraction: float = 0.10       # how far the recheck expands from its seeds
@@ -91,6 +90,11 @@ class QuarantineConfig:
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ValueError(f"quarantine {name} must lie in [0, 1], got {value}")
+
+    @property
+    def verify_epoch(self) -> int:
+        """The epoch before which the verdict is taken (at least one epoch of training)."""
+        return max(1, round(self.verify_at * self.train.epochs))
 
     @classmethod
     def for_profile(cls, profile: str) -> "QuarantineConfig":
@@ -164,7 +168,6 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
                     extra_state={"verdict": verdict}, log_path=ctx.log_path, on_epoch_end=ctx.epoch_hook(name),
                     progress=ctx.progress)
     device_data = DeviceData(data, ctx.runtime)
-    verify_epoch = max(1, round(cfg.verify_at * recipe.epochs))   # the verdict comes before this epoch
     state: dict = {}
 
     def unlearn_set() -> torch.Tensor:
@@ -175,7 +178,7 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
         return state["unlearn"].nonzero().flatten()
 
     def epoch_fn(engine: Engine, epoch: int, g: torch.Generator) -> dict:
-        if epoch >= verify_epoch and not verdict.ready:
+        if epoch >= cfg.verify_epoch and not verdict.ready:
             verdict.take(engine.eval_model, data, ctx.runtime)
         unlearn_index = unlearn_set() if verdict.ready else torch.empty(0, dtype=torch.long)
         kept_batches = [kept_index[b] for b in batch_indices(len(kept_index), recipe.batch_size, g)]
@@ -248,8 +251,7 @@ class Quarantine(Defense):
             model_of=lambda out: out[0])
         # plain training's cost is estimated from this stage: it trained on the kept images
         # and carried the unlearned ones in its batches
-        verify_epoch = max(1, round(cfg.verify_at * cfg.train.epochs))
-        carried = int(unlearned.sum()) * max(0, cfg.train.epochs - verify_epoch) / max(1, cfg.train.epochs)
+        carried = int(unlearned.sum()) * max(0, cfg.train.epochs - cfg.verify_epoch) / max(1, cfg.train.epochs)
         timer.records[-1]["images_per_epoch"] = int(kept.sum()) + round(carried)
 
         late = torch.zeros(len(data), dtype=torch.bool)
@@ -275,7 +277,7 @@ class Quarantine(Defense):
 
     def repair(self, model: nn.Module, data: ImageSet, kept: torch.Tensor, late: torch.Tensor,
                recheck_score: torch.Tensor, ctx: DefenseContext) -> tuple[nn.Module, bool]:
-        """Stage 4: D-BR's loop, ascent on the late set, descent on a random share of the kept
+        """Stage 4: D-BR's loop (train/unlearn.py), ascent on the late set, descent on a random share of the kept
         images. Returns (model, undone): the input model when the repair cost the trusted
         images more than `repair_tolerance` of their accuracy."""
         cfg = self.config
@@ -283,12 +285,13 @@ class Quarantine(Defense):
         pool = (kept & ~late).nonzero().flatten()
         trusted = torch.zeros(len(data), dtype=torch.bool)
         trusted[pool[torch.randperm(len(pool), generator=g)[: int(round(len(pool) * cfg.trusted_fraction))]]] = True
-        split = SampleSplit(scores=recheck_score, clean=trusted, poisoned=late)
-        repaired = unlearn_relearn(copy.deepcopy(model).requires_grad_(True), data, split, ctx, cfg.repair,
-                                   name="repair")
-        trusted_set = data.subset(trusted.nonzero().flatten())
-        before, after = (float((predict(m, trusted_set.images, ctx.runtime).argmax(1) == trusted_set.labels)
-                               .float().mean()) for m in (model, repaired))
+        trusted_images = data.subset(trusted.nonzero().flatten())
+        trusted_set = DeviceData(trusted_images, ctx.runtime)
+        repaired = unlearn(copy.deepcopy(model).requires_grad_(True), data.subset(late.nonzero().flatten()), cfg.repair,
+                           ctx.runtime, trusted=trusted_images, name="repair", seed=ctx.seed,
+                           checkpoint_dir=ctx.checkpoints(), log_path=ctx.log_path,
+                           on_epoch_end=ctx.epoch_hook("repair"), progress=ctx.progress)
+        before, after = suspected_accuracy(model, trusted_set), suspected_accuracy(repaired, trusted_set)
         if after < before - cfg.repair_tolerance:
             return model, True
         return repaired, False
