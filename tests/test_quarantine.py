@@ -98,7 +98,9 @@ def test_train_defaults_to_quarantine_and_says_what_it_did(tmp_path, capsys):
     out = tmp_path / "out"
     assert unpoison("train", "--data", data, "--out", out, *SMOKE) == 0
     record = json.loads((out / "train.json").read_text())
-    assert record["defense"] == "quarantine" and record["n_flagged"] > 0
+    # flagged = not trained on at the end: the set-aside images of labels that did not stand
+    # out go back into training, so on the smoke budget it may be none
+    assert record["defense"] == "quarantine" and 0 <= record["n_flagged"] < 320
     said = capsys.readouterr().out
     assert "[quarantine] done in" in said and "Plain training of the same model would take about" in said
     assert "set aside" in said and f"{out}/suspects.csv" in said and f"{out}/report.html" in said

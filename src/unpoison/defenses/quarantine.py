@@ -70,6 +70,12 @@ class QuarantineConfig:
     # a label group's contradicted images are unlearned when its contradiction rate exceeds the
     # kept images' of that label by this many standard errors (None: every contradicted image)
     group_z: float | None = 3.0
+    # in a label group that stood out, kept images of that label which the verdict contradicts
+    # at least as confidently as this quantile of the group's contradicted quarantined images
+    # (known poison) are unlearned too: poison the probe missed (None: kept images never are)
+    kept_quantile: float | None = 0.5
+    # after the verdict, quarantined images of labels that did not stand out go back to training
+    release: bool = True
     # off by default: on CIFAR-10 the repair it triggers cost CA on every set and helped only
     # WaNet (benchmarks/RESULTS.md, "The default defence")
     recheck: bool = False
@@ -155,12 +161,44 @@ def contradicted_groups(contradicted: torch.Tensor, quarantined: torch.Tensor, l
     return unlearn, table
 
 
+def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num_classes: int,
+          cfg: QuarantineConfig) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """From the verdict on: (train mask, unlearn mask, per-label table).
+
+    Unlearned: the contradicted quarantined images of the label groups that stand out
+    (contradicted_groups), and the kept images of those labels that the early model
+    contradicts as confidently as it contradicts the known poison of the group (the poison
+    the probe missed: the early model has not learned its trigger either, so it gives the
+    label the same near-zero probability). Trained on: the kept images not unlearned and,
+    with `release`, the quarantined images of every label that did not stand out."""
+    contradicted = verdict.predicted != labels
+    unlearn, groups = contradicted_groups(contradicted, quarantined, labels, num_classes, cfg.group_z)
+    held_labels = torch.zeros(num_classes, dtype=torch.bool)
+    for group in groups:
+        if not group["unlearned"]:
+            continue
+        c = group["label"]
+        held_labels[c] = True
+        known = unlearn & (labels == c)
+        if cfg.kept_quantile is None or not known.any():
+            continue
+        cut = torch.quantile(verdict.given_prob[known].float(), cfg.kept_quantile)
+        caught = ~quarantined & (labels == c) & contradicted & (verdict.given_prob.float() <= cut)
+        unlearn |= caught
+        group["kept_unlearned"] = int(caught.sum())
+    held_out = quarantined & (held_labels[labels] if cfg.release else torch.ones_like(quarantined))
+    return ~unlearn & ~held_out, unlearn, groups
+
+
 def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, quarantined: torch.Tensor,
-                          ctx: DefenseContext, cfg: QuarantineConfig, name: str = "train") -> tuple[nn.Module, Verdict, torch.Tensor, list[dict]]:
-    """Stage 2: train on the kept images; from the verdict on, unlearn the contradicted
-    quarantined images in the same batches. Returns (model, verdict, unlearned mask, groups)."""
+                          ctx: DefenseContext, cfg: QuarantineConfig, name: str = "train") -> tuple[nn.Module, Verdict, dict]:
+    """Stage 2: train on the kept images; from the verdict on, train on what `judge` keeps
+    and unlearn what it finds in the same batches. Returns (model, verdict, plan), plan =
+    {"train", "unlearn": masks, "groups": table, "images_per_epoch": mean images seen}."""
     recipe = cfg.train
     kept_index = kept.nonzero().flatten()
+    # the number of steps is fixed by the kept set (the schedule is per step); after the
+    # verdict the batches grow or shrink a little instead
     steps = -(-len(kept_index) // recipe.batch_size)
     verdict = Verdict()
     engine = Engine(model, recipe.optim, ctx.runtime, name=name, epochs=recipe.epochs, steps_per_epoch=steps,
@@ -168,41 +206,50 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
                     extra_state={"verdict": verdict}, log_path=ctx.log_path, on_epoch_end=ctx.epoch_hook(name),
                     progress=ctx.progress)
     device_data = DeviceData(data, ctx.runtime)
-    state: dict = {}
+    plan: dict = {}
 
-    def unlearn_set() -> torch.Tensor:
-        if "unlearn" not in state:
-            contradicted = verdict.predicted != data.labels
-            state["unlearn"], state["groups"] = contradicted_groups(contradicted, quarantined, data.labels,
-                                                                    data.num_classes, cfg.group_z)
-        return state["unlearn"].nonzero().flatten()
+    def judged() -> dict:
+        if "train" not in plan:
+            plan["train"], plan["unlearn"], plan["groups"] = judge(verdict, data.labels, quarantined,
+                                                                   data.num_classes, cfg)
+        return plan
 
     def epoch_fn(engine: Engine, epoch: int, g: torch.Generator) -> dict:
         if epoch >= cfg.verify_epoch and not verdict.ready:
             verdict.take(engine.eval_model, data, ctx.runtime)
-        unlearn_index = unlearn_set() if verdict.ready else torch.empty(0, dtype=torch.long)
-        kept_batches = [kept_index[b] for b in batch_indices(len(kept_index), recipe.batch_size, g)]
-        shares = torch.tensor_split(unlearn_index[torch.randperm(len(unlearn_index), generator=g)], len(kept_batches))
+        if verdict.ready:
+            train_index, unlearn_index = judged()["train"].nonzero().flatten(), plan["unlearn"].nonzero().flatten()
+        else:
+            train_index, unlearn_index = kept_index, torch.empty(0, dtype=torch.long)
+        batch_size = -(-len(train_index) // steps)   # at most `steps` batches
+        train_batches = [train_index[b] for b in batch_indices(len(train_index), batch_size, g)]
+        unlearn_shares = torch.tensor_split(unlearn_index[torch.randperm(len(unlearn_index), generator=g)],
+                                            len(train_batches))
+        batches = list(zip(train_batches, unlearn_shares))
 
         def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-            kept_batch, share = batch
-            x, y = device_data.batch(torch.cat([kept_batch, share]), recipe.augment, g)
+            train_batch, share = batch
+            x, y = device_data.batch(torch.cat([train_batch, share]), recipe.augment, g)
             logits = engine.model(x)
-            n_kept = len(kept_batch)
-            loss = F.cross_entropy(logits[:n_kept], y[:n_kept], label_smoothing=recipe.label_smoothing)
+            n_train = len(train_batch)
+            loss = F.cross_entropy(logits[:n_train], y[:n_train], label_smoothing=recipe.label_smoothing)
             if len(share):
-                unlearned = unlearning_loss(logits[n_kept:], y[n_kept:], "margin", None)
-                loss = loss + cfg.unlearn_weight * unlearned * len(share) / n_kept
+                unlearned = unlearning_loss(logits[n_train:], y[n_train:], "margin", None)
+                loss = loss + cfg.unlearn_weight * unlearned * len(share) / n_train
             return loss
 
-        engine.run_pass(list(zip(kept_batches, shares)), loss_fn)
-        return {"unlearning": int(len(unlearn_index))}
+        engine.run_pass(batches, loss_fn)
+        return {"training": int(len(train_index)), "unlearning": int(len(unlearn_index))}
 
     trained = engine.fit(epoch_fn).eval()
     if not verdict.ready:   # fewer epochs than the verdict needs: judge with the final model
         verdict.take(trained, data, ctx.runtime)
-    unlearn_set()
-    return trained, verdict, state["unlearn"], state["groups"]
+    judged()
+    after = max(0, recipe.epochs - cfg.verify_epoch)
+    seen_after = int(plan["train"].sum()) + int(plan["unlearn"].sum())
+    plan["images_per_epoch"] = round((len(kept_index) * (recipe.epochs - after) + seen_after * after)
+                                     / max(1, recipe.epochs))
+    return trained, verdict, plan
 
 
 def late_learned(model: nn.Module, data: ImageSet, verdict: Verdict, quarantined: torch.Tensor,
@@ -245,14 +292,13 @@ class Quarantine(Defense):
             : int(round(len(data) * cfg.quarantine_fraction))]] = True
         kept = ~quarantined
 
-        model, verdict, unlearned, groups = timer.run(
+        model, verdict, plan = timer.run(
             "train", cfg.train.epochs,
             lambda: train_with_unlearning(ctx.new_model(data), data, kept, quarantined, ctx, cfg),
             model_of=lambda out: out[0])
-        # plain training's cost is estimated from this stage: it trained on the kept images
-        # and carried the unlearned ones in its batches
-        carried = int(unlearned.sum()) * max(0, cfg.train.epochs - cfg.verify_epoch) / max(1, cfg.train.epochs)
-        timer.records[-1]["images_per_epoch"] = int(kept.sum()) + round(carried)
+        unlearned = plan["unlearn"]
+        # plain training's cost is estimated from this stage's images per epoch
+        timer.records[-1]["images_per_epoch"] = plan["images_per_epoch"]
 
         late = torch.zeros(len(data), dtype=torch.bool)
         recheck_score = torch.zeros(len(data))
@@ -261,7 +307,7 @@ class Quarantine(Defense):
         repaired = bool(late.sum() >= max(MIN_REPAIR, cfg.repair_min_fraction * len(data)))
         undone = False
         if repaired:
-            model, undone = timer.run("repair", cfg.repair.epochs, lambda: self.repair(model, data, kept, late,
+            model, undone = timer.run("repair", cfg.repair.epochs, lambda: self.repair(model, data, plan["train"], late,
                                                                                         recheck_score, ctx),
                                       model_of=lambda out: out[0])
             repaired = not undone
@@ -269,20 +315,20 @@ class Quarantine(Defense):
         # ranking for suspects.csv: unlearned quarantine, then late, then the probe's order
         probe_rank = torch.argsort(torch.argsort(detection.scores, stable=True)).float() / max(1, len(data) - 1)
         suspicion = probe_rank + unlearned.float() * 2 + late.float()
-        flagged = quarantined | late
-        trusted = kept & ~late
-        notes = self.explain(data, quarantined, unlearned, late, repaired, undone, groups)
+        flagged = ~plan["train"] | late
+        trusted = plan["train"] & ~late
+        notes = self.explain(data, quarantined, plan, late, repaired, undone)
         return DefenseResult(model, suspicion=suspicion, flagged=flagged, trusted=trusted, stages=timer.records,
                              notes=notes)
 
-    def repair(self, model: nn.Module, data: ImageSet, kept: torch.Tensor, late: torch.Tensor,
+    def repair(self, model: nn.Module, data: ImageSet, trained: torch.Tensor, late: torch.Tensor,
                recheck_score: torch.Tensor, ctx: DefenseContext) -> tuple[nn.Module, bool]:
         """Stage 4: D-BR's loop (train/unlearn.py), ascent on the late set, descent on a random share of the kept
-        images. Returns (model, undone): the input model when the repair cost the trusted
+        images trained on. Returns (model, undone): the input model when the repair cost the trusted
         images more than `repair_tolerance` of their accuracy."""
         cfg = self.config
         g = generator(ctx.seed, "quarantine-trusted")
-        pool = (kept & ~late).nonzero().flatten()
+        pool = (trained & ~late).nonzero().flatten()
         trusted = torch.zeros(len(data), dtype=torch.bool)
         trusted[pool[torch.randperm(len(pool), generator=g)[: int(round(len(pool) * cfg.trusted_fraction))]]] = True
         trusted_images = data.subset(trusted.nonzero().flatten())
@@ -309,21 +355,29 @@ class Quarantine(Defense):
                     f"to tell a planted pattern from the class itself)")
         return None
 
-    def explain(self, data: ImageSet, quarantined, unlearned, late, repaired, undone, groups) -> list[str]:
+    def explain(self, data: ImageSet, quarantined, plan: dict, late, repaired, undone) -> list[str]:
         names = data.classes if data.classes else [str(c) for c in range(data.num_classes)]
         n = len(data)
+        unlearned, groups = plan["unlearn"], plan["groups"]
         notes = [f"set aside {int(quarantined.sum())} of {n} images ({quarantined.float().mean():.1%}) before training"]
         held = [g for g in groups if g["unlearned"]]
         if held:
             shown = ", ".join(f"'{names[g['label']]}' ({g['contradicted_rate']:.0%} of {g['quarantined']}, against "
                               f"{g['kept_error']:.0%} of the kept images)" for g in held)
+            missed = sum(g.get("kept_unlearned", 0) for g in held)
             notes.append(f"the model in training contradicted the labels of the set-aside images of {shown}: "
-                         f"those {int(unlearned.sum())} images were unlearned (a label the images do not support "
-                         f"is what a planted trigger teaches)")
+                         f"those {int((unlearned & quarantined).sum())} images, and {missed} kept images of the same "
+                         f"label it contradicted as surely, were unlearned (a label the images do not support is "
+                         f"what a planted trigger teaches)")
         else:
             notes.append("no label among the set-aside images stood out: the model in training contradicted them "
-                         "no more often than the kept images of their class, so nothing was unlearned during "
-                         "training (they were left out)")
+                         "no more often than the kept images of their class, so nothing was unlearned")
+        released = int((quarantined & plan["train"]).sum())
+        if released:
+            notes.append(f"{released} set-aside images of the other labels went back into training after the check")
+        held_out = int((~plan["train"] & ~unlearned).sum())
+        if held_out:
+            notes.append(f"{held_out} set-aside images the model agreed with, of a label that stood out, were left out")
         if repaired:
             notes.append(f"after training, {int(late.sum())} images learned late and unlike what the early model saw "
                          f"were unlearned in a short repair")
