@@ -5,7 +5,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import data_root, requires_cifar, toy_dataset
 from unpoison.attacks.badnets import BadNets

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from conftest import toy_dataset
-from unpoison.data.augment import to_float
 from unpoison.models import build_model
 from unpoison.train import OptimConfig, lr_at, predict
 from unpoison.train.fixmatch import FixMatchConfig, fixmatch_epoch, fixmatch_loss, train_fixmatch

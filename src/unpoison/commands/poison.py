@@ -99,7 +99,7 @@ def poison_to_disk(dataset: str, attack_name: str, attack_params: dict[str, Any]
     folders = class_folders(train.classes)
     train_files = write_images(out / "train", poisoned.train.images, poisoned.train.labels, torch.arange(len(train)), folders)
     write_images(out / "test", test.images, test.labels, torch.arange(len(test)), folders)
-    triggered_files = write_images(out / "test_triggered", backdoor.images, backdoor.true_labels, backdoor_index, folders)
+    write_images(out / "test_triggered", backdoor.images, backdoor.true_labels, backdoor_index, folders)
 
     noise_index = getattr(attack, "noise_index", None)
     manifest = {

@@ -38,7 +38,7 @@ from torch import nn
 from ..data.batches import batch_indices
 from ..data.imageset import ImageSet
 from ..runtime import generator
-from ..train.engine import Engine, OptimConfig
+from ..train.engine import Engine
 from ..train.fixmatch import FixMatchConfig, fixmatch_epoch
 from ..train.supervised import DeviceData, predict
 from .base import Defense, DefenseContext, DefenseResult, StageTimer

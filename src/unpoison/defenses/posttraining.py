@@ -74,7 +74,6 @@ class PostTrainingRepair(Defense):
         baseline = get_profile(ctx.profile).baseline
         # the only use of the untrusted set: the backdoored model, shared with --defense none
         backdoored = timer.run("train", baseline.epochs, lambda: train_standard(data, ctx, baseline))
-        del data
         result = self.repair(backdoored, clean, ctx, timer)
         result.notes.insert(0, f"{self.name}: repaired the no-defence model with a clean reference of "
                                f"{len(clean)} images (its only clean knowledge)")
