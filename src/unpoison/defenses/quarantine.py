@@ -66,7 +66,11 @@ class QuarantineConfig:
     quarantine_fraction: float = 0.10    # share of the set the probe sets aside
     train: TrainConfig = field(default_factory=lambda: get_profile("quick").baseline)
     verify_at: float = 0.4               # share of the training epochs before the verdict
-    unlearn_weight: float = 1.0          # weight of a contradicted image's margin loss vs a kept image's CE
+    unlearn_weight: float = 1.0          # weight of a contradicted image's loss vs a kept image's CE
+    # "margin": an unlearned image's given label is pushed a logit below the best other class.
+    # "relabel": besides, it is trained as that best other class (the model's reading of its
+    # content without the trigger's label), so its pixels still teach the classes
+    unlearn_loss: str = "margin"
     # a label group's contradicted images are unlearned when its contradiction rate exceeds the
     # kept images' of that label by this many standard errors (None: every contradicted image)
     group_z: float | None = 3.0
@@ -91,6 +95,8 @@ class QuarantineConfig:
     repair_tolerance: float = 0.02
 
     def __post_init__(self) -> None:
+        if self.unlearn_loss not in ("margin", "relabel"):
+            raise ValueError(f"quarantine unlearn_loss must be 'margin' or 'relabel', got {self.unlearn_loss!r}")
         for name in ("quarantine_fraction", "verify_at", "recheck_seed_fraction", "recheck_fraction",
                      "repair_min_fraction", "trusted_fraction"):
             value = getattr(self, name)
@@ -214,6 +220,13 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
                                                                    data.num_classes, cfg)
         return plan
 
+    def unlearned_loss(logits: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+        loss = unlearning_loss(logits, given, "margin", None)
+        if cfg.unlearn_loss == "relabel":
+            reading = logits.detach().float().scatter(1, given[:, None], float("-inf")).argmax(1)
+            loss = loss + F.cross_entropy(logits, reading, label_smoothing=recipe.label_smoothing)
+        return loss
+
     def epoch_fn(engine: Engine, epoch: int, g: torch.Generator) -> dict:
         if epoch >= cfg.verify_epoch and not verdict.ready:
             verdict.take(engine.eval_model, data, ctx.runtime)
@@ -234,8 +247,7 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
             n_train = len(train_batch)
             loss = F.cross_entropy(logits[:n_train], y[:n_train], label_smoothing=recipe.label_smoothing)
             if len(share):
-                unlearned = unlearning_loss(logits[n_train:], y[n_train:], "margin", None)
-                loss = loss + cfg.unlearn_weight * unlearned * len(share) / n_train
+                loss = loss + cfg.unlearn_weight * unlearned_loss(logits[n_train:], y[n_train:]) * len(share) / n_train
             return loss
 
         engine.run_pass(batches, loss_fn)
