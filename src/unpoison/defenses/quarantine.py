@@ -74,11 +74,14 @@ class QuarantineConfig:
     # a label group's contradicted images are unlearned when its contradiction rate exceeds the
     # kept images' of that label by this many standard errors (None: every contradicted image)
     group_z: float | None = 3.0
+    # ... and hold at least this share of the set in contradicted images beyond the kept error
+    group_min_excess: float = 0.005
     # in a label group that stood out, kept images of that label which the verdict contradicts
     # at least as confidently as this quantile of the group's contradicted quarantined images
     # (known poison) are unlearned too: poison the probe missed (None: kept images never are)
     kept_quantile: float | None = 0.5
-    # after the verdict, quarantined images of labels that did not stand out go back to training
+    # after the verdict, quarantined images of labels that did not stand out, which the
+    # verdict agrees with, go back to training
     release: bool = True
     # off by default: on CIFAR-10 the repair it triggers cost CA on every set and helped only
     # WaNet (benchmarks/RESULTS.md, "The default defence")
@@ -141,14 +144,19 @@ class Verdict:
 
 
 def contradicted_groups(contradicted: torch.Tensor, quarantined: torch.Tensor, labels: torch.Tensor,
-                        num_classes: int, z: float | None = 3.0) -> tuple[torch.Tensor, list[dict]]:
+                        num_classes: int, z: float | None = 3.0,
+                        min_excess: float = 0.0) -> tuple[torch.Tensor, list[dict]]:
     """Which quarantined images to unlearn (bool mask) and the per-label table behind it.
 
     A quarantined image the early model contradicts is either poison (its trigger not yet
     learned) or a clean image that is hard or mislabelled. The kept images of the same label
     say how often the second happens; a label group whose quarantined images are contradicted
     more often than that, by `z` standard errors, holds poison, and its contradicted images
-    are unlearned. z=None unlearns every contradicted quarantined image."""
+    are unlearned. The quarantine is not a random draw of its labels (the probe picks images
+    that look alike, often confusable ones), so a clean group can pass the z-test; it must
+    also hold at least `min_excess` (a share of the whole set) more contradicted images than
+    the kept error explains: the estimated number of poisoned images in it.
+    z=None unlearns every contradicted quarantined image."""
     unlearn = torch.zeros_like(quarantined)
     table = []
     for c in range(num_classes):
@@ -159,11 +167,12 @@ def contradicted_groups(contradicted: torch.Tensor, quarantined: torch.Tensor, l
         error = float(contradicted[kept].float().mean()) if kept.any() else 0.0
         rate = float(contradicted[group].float().mean())
         spread = (max(error * (1 - error), 1e-4) / int(group.sum())) ** 0.5
-        chosen = z is None or rate > error + z * spread
+        excess = (rate - error) * int(group.sum())
+        chosen = z is None or (rate > error + z * spread and excess >= min_excess * len(labels))
         if chosen:
             unlearn |= group & contradicted
         table.append({"label": c, "quarantined": int(group.sum()), "contradicted_rate": round(rate, 4),
-                      "kept_error": round(error, 4), "unlearned": chosen})
+                      "kept_error": round(error, 4), "excess": round(excess, 1), "unlearned": chosen})
     return unlearn, table
 
 
@@ -175,10 +184,13 @@ def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num
     (contradicted_groups), and the kept images of those labels that the early model
     contradicts as confidently as it contradicts the known poison of the group (the poison
     the probe missed: the early model has not learned its trigger either, so it gives the
-    label the same near-zero probability). Trained on: the kept images not unlearned and,
-    with `release`, the quarantined images of every label that did not stand out."""
+    label the same near-zero probability). Trained on: the kept images not unlearned and, with
+    `release`, the quarantined images the early model agrees with, of every label that did
+    not stand out (a poisoned image whose trigger is not yet learned is contradicted, so it
+    stays out)."""
     contradicted = verdict.predicted != labels
-    unlearn, groups = contradicted_groups(contradicted, quarantined, labels, num_classes, cfg.group_z)
+    unlearn, groups = contradicted_groups(contradicted, quarantined, labels, num_classes, cfg.group_z,
+                                          cfg.group_min_excess)
     held_labels = torch.zeros(num_classes, dtype=torch.bool)
     for group in groups:
         if not group["unlearned"]:
@@ -192,8 +204,8 @@ def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num
         caught = ~quarantined & (labels == c) & contradicted & (verdict.given_prob.float() <= cut)
         unlearn |= caught
         group["kept_unlearned"] = int(caught.sum())
-    held_out = quarantined & (held_labels[labels] if cfg.release else torch.ones_like(quarantined))
-    return ~unlearn & ~held_out, unlearn, groups
+    released = quarantined & ~held_labels[labels] & ~contradicted if cfg.release else torch.zeros_like(quarantined)
+    return ~unlearn & (~quarantined | released), unlearn, groups
 
 
 def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, quarantined: torch.Tensor,
@@ -386,10 +398,12 @@ class Quarantine(Defense):
                          "no more often than the kept images of their class, so nothing was unlearned")
         released = int((quarantined & plan["train"]).sum())
         if released:
-            notes.append(f"{released} set-aside images of the other labels went back into training after the check")
+            notes.append(f"{released} set-aside images whose labels the model in training agreed with went back "
+                         f"into training after the check")
         held_out = int((~plan["train"] & ~unlearned).sum())
         if held_out:
-            notes.append(f"{held_out} set-aside images the model agreed with, of a label that stood out, were left out")
+            notes.append(f"{held_out} set-aside images were left out of training (contradicted, or of a label "
+                         f"that stood out)")
         if repaired:
             notes.append(f"after training, {int(late.sum())} images learned late and unlike what the early model saw "
                          f"were unlearned in a short repair")
