@@ -10,7 +10,7 @@ import torch
 from toy_backdoor import tiny_backdoor, train_toy_backdoored
 from unpoison.defenses import build_defense
 from unpoison.defenses.base import DefenseContext
-from unpoison.defenses.quarantine import QuarantineConfig, Quarantine, contradicted_groups
+from unpoison.defenses.quarantine import QuarantineConfig, Quarantine, Verdict, contradicted_groups, judge
 from unpoison.data.imageset import ImageSet
 from unpoison.metrics import backdoor_metrics
 from unpoison.runtime import Runtime
@@ -51,6 +51,41 @@ def test_contradicted_groups_unlearn_labels_contradicted_beyond_their_kept_image
         (0.2, 0.6, True), (0.2, 0.2, False)]
     everything, _ = contradicted_groups(contradicted, quarantined, labels, 2, z=None)
     assert everything.nonzero().flatten().tolist() == list(range(12)) + [20, 21, 22, 23]
+
+
+def _verdict(predicted, given_prob) -> Verdict:
+    verdict = Verdict()
+    verdict.load_state_dict({"predicted": torch.as_tensor(predicted), "given_prob": torch.as_tensor(given_prob)})
+    return verdict
+
+
+def test_judge_catches_missed_poison_releases_agreed_images_and_looks_again():
+    # label 0: 30 quarantined poison (contradicted surely), 10 kept poison, 60 kept clean;
+    # label 1: 10 quarantined clean, 90 kept clean
+    labels = torch.tensor([0] * 100 + [1] * 100)
+    quarantined = torch.zeros(200, dtype=torch.bool)
+    quarantined[:30] = quarantined[100:110] = True
+    predicted = labels.clone()
+    given = torch.full((200,), 0.9)
+    predicted[:40], given[:40] = 1, 0.02            # poison, quarantined and kept: contradicted surely
+    predicted[40:50], given[40:50] = 1, 0.3         # hard clean images of label 0: contradicted, unsurely
+    predicted[100:102], given[100:102] = 0, 0.2     # two quarantined clean images of label 1 contradicted
+    predicted[110:120], given[110:120] = 0, 0.2     # kept label 1 error: 10 %
+    cfg = QuarantineConfig(group_min_excess=0.05)
+    train, unlearn, groups = judge(_verdict(predicted, given), labels, quarantined, 2, cfg)
+    assert unlearn.nonzero().flatten().tolist() == list(range(40))   # the missed poison too, no hard clean image
+    assert [g["unlearned"] for g in groups] == [True, False]
+    # label 1's agreed quarantined images go back into training, its contradicted ones stay out
+    assert train[102:110].all() and not train[100:102].any() and train[40:100].all() and not train[:40].any()
+    # a group passing the z-test but too small in excess (here 10 % of the set) stands out no more
+    _, unlearn, groups = judge(_verdict(predicted, given), labels, quarantined, 2, replace(cfg, group_min_excess=0.2))
+    assert not unlearn.any() and groups[0]["excess"] < 40
+    # the second look: a kept image of label 0 still contradicted past the first cut is unlearned
+    later_pred, later_given = labels.clone(), torch.full((200,), 0.9)
+    later_pred[60], later_given[60] = 1, 0.01
+    later_pred[61], later_given[61] = 1, 0.3       # contradicted, but not as surely: kept
+    train, unlearn, _ = judge(_verdict(predicted, given), labels, quarantined, 2, cfg, _verdict(later_pred, later_given))
+    assert unlearn[60] and not train[60] and train[61] and int(unlearn.sum()) == 41
 
 
 @pytest.mark.slow

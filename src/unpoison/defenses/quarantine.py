@@ -66,6 +66,9 @@ class QuarantineConfig:
     quarantine_fraction: float = 0.10    # share of the set the probe sets aside
     train: TrainConfig = field(default_factory=lambda: get_profile("quick").baseline)
     verify_at: float = 0.4               # share of the training epochs before the verdict
+    # a second look: the kept images of a standing-out label that the model still
+    # contradicts, past the first look's cut, are unlearned too (None: no second look)
+    second_look_at: float | None = 0.7
     unlearn_weight: float = 1.0          # weight of a contradicted image's loss vs a kept image's CE
     # "margin": an unlearned image's given label is pushed a logit below the best other class.
     # "relabel": besides, it is trained as that best other class (the model's reading of its
@@ -100,6 +103,8 @@ class QuarantineConfig:
     def __post_init__(self) -> None:
         if self.unlearn_loss not in ("margin", "relabel"):
             raise ValueError(f"quarantine unlearn_loss must be 'margin' or 'relabel', got {self.unlearn_loss!r}")
+        if self.second_look_at is not None and not 0 <= self.second_look_at <= 1:
+            raise ValueError(f"quarantine second_look_at must lie in [0, 1], got {self.second_look_at}")
         for name in ("quarantine_fraction", "verify_at", "recheck_seed_fraction", "recheck_fraction",
                      "repair_min_fraction", "trusted_fraction"):
             value = getattr(self, name)
@@ -110,6 +115,14 @@ class QuarantineConfig:
     def verify_epoch(self) -> int:
         """The epoch before which the verdict is taken (at least one epoch of training)."""
         return max(1, round(self.verify_at * self.train.epochs))
+
+    @property
+    def second_look_epoch(self) -> int | None:
+        """The epoch before which the second look is taken (after the verdict), or None."""
+        if self.second_look_at is None:
+            return None
+        epoch = round(self.second_look_at * self.train.epochs)
+        return epoch if self.verify_epoch < epoch < self.train.epochs else None
 
     @classmethod
     def for_profile(cls, profile: str) -> "QuarantineConfig":
@@ -177,7 +190,7 @@ def contradicted_groups(contradicted: torch.Tensor, quarantined: torch.Tensor, l
 
 
 def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num_classes: int,
-          cfg: QuarantineConfig) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+          cfg: QuarantineConfig, second: Verdict | None = None) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """From the verdict on: (train mask, unlearn mask, per-label table).
 
     Unlearned: the contradicted quarantined images of the label groups that stand out
@@ -187,7 +200,10 @@ def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num
     label the same near-zero probability). Trained on: the kept images not unlearned and, with
     `release`, the quarantined images the early model agrees with, of every label that did
     not stand out (a poisoned image whose trigger is not yet learned is contradicted, so it
-    stays out)."""
+    stays out). With a `second` look, later in training, the images of a standing-out label
+    still trained on that it contradicts past the same cut are unlearned as well: missed
+    poison the unlearning kept from being learned, while the clean images of the label have
+    been learned by then."""
     contradicted = verdict.predicted != labels
     unlearn, groups = contradicted_groups(contradicted, quarantined, labels, num_classes, cfg.group_z,
                                           cfg.group_min_excess)
@@ -203,9 +219,17 @@ def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num
         cut = torch.quantile(verdict.given_prob[known].float(), cfg.kept_quantile)
         caught = ~quarantined & (labels == c) & contradicted & (verdict.given_prob.float() <= cut)
         unlearn |= caught
-        group["kept_unlearned"] = int(caught.sum())
+        group["cut"], group["kept_unlearned"] = round(float(cut), 4), int(caught.sum())
     released = quarantined & ~held_labels[labels] & ~contradicted if cfg.release else torch.zeros_like(quarantined)
-    return ~unlearn & (~quarantined | released), unlearn, groups
+    train = ~unlearn & (~quarantined | released)
+    if second is not None and second.ready:
+        for group in groups:
+            if "cut" in group:
+                later = (train & (labels == group["label"]) & (second.predicted != labels)
+                         & (second.given_prob.float() <= group["cut"]))
+                unlearn, train = unlearn | later, train & ~later
+                group["kept_unlearned_later"] = int(later.sum())
+    return train, unlearn, groups
 
 
 def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, quarantined: torch.Tensor,
@@ -218,10 +242,10 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
     # the number of steps is fixed by the kept set (the schedule is per step); after the
     # verdict the batches grow or shrink a little instead
     steps = -(-len(kept_index) // recipe.batch_size)
-    verdict = Verdict()
+    verdict, second = Verdict(), Verdict()
     engine = Engine(model, recipe.optim, ctx.runtime, name=name, epochs=recipe.epochs, steps_per_epoch=steps,
                     seed=ctx.seed, checkpoint_dir=ctx.checkpoints(), ema_decay=recipe.ema_decay,
-                    extra_state={"verdict": verdict}, log_path=ctx.log_path, on_epoch_end=ctx.epoch_hook(name),
+                    extra_state={"verdict": verdict, "second_look": second}, log_path=ctx.log_path, on_epoch_end=ctx.epoch_hook(name),
                     progress=ctx.progress)
     device_data = DeviceData(data, ctx.runtime)
     plan: dict = {}
@@ -229,7 +253,7 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
     def judged() -> dict:
         if "train" not in plan:
             plan["train"], plan["unlearn"], plan["groups"] = judge(verdict, data.labels, quarantined,
-                                                                   data.num_classes, cfg)
+                                                                   data.num_classes, cfg, second)
         return plan
 
     def unlearned_loss(logits: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
@@ -242,6 +266,10 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
     def epoch_fn(engine: Engine, epoch: int, g: torch.Generator) -> dict:
         if epoch >= cfg.verify_epoch and not verdict.ready:
             verdict.take(engine.eval_model, data, ctx.runtime)
+        look = cfg.second_look_epoch
+        if look is not None and epoch >= look and not second.ready and any("cut" in g for g in judged()["groups"]):
+            second.take(engine.eval_model, data, ctx.runtime)
+            plan.clear()
         if verdict.ready:
             train_index, unlearn_index = judged()["train"].nonzero().flatten(), plan["unlearn"].nonzero().flatten()
         else:
@@ -269,10 +297,8 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
     if not verdict.ready:   # fewer epochs than the verdict needs: judge with the final model
         verdict.take(trained, data, ctx.runtime)
     judged()
-    after = max(0, recipe.epochs - cfg.verify_epoch)
-    seen_after = int(plan["train"].sum()) + int(plan["unlearn"].sum())
-    plan["images_per_epoch"] = round((len(kept_index) * (recipe.epochs - after) + seen_after * after)
-                                     / max(1, recipe.epochs))
+    seen = [r["training"] + r["unlearning"] for r in engine.history if "training" in r]
+    plan["images_per_epoch"] = round(sum(seen) / len(seen)) if seen else len(kept_index)
     return trained, verdict, plan
 
 
@@ -388,7 +414,7 @@ class Quarantine(Defense):
         if held:
             shown = ", ".join(f"'{names[g['label']]}' ({g['contradicted_rate']:.0%} of {g['quarantined']}, against "
                               f"{g['kept_error']:.0%} of the kept images)" for g in held)
-            missed = sum(g.get("kept_unlearned", 0) for g in held)
+            missed = sum(g.get("kept_unlearned", 0) + g.get("kept_unlearned_later", 0) for g in held)
             notes.append(f"the model in training contradicted the labels of the set-aside images of {shown}: "
                          f"those {int((unlearned & quarantined).sum())} images, and {missed} kept images of the same "
                          f"label it contradicted as surely, were unlearned (a label the images do not support is "
