@@ -10,7 +10,8 @@ import torch
 from toy_backdoor import tiny_backdoor, train_toy_backdoored
 from unpoison.defenses import build_defense
 from unpoison.defenses.base import DefenseContext
-from unpoison.defenses.quarantine import QuarantineConfig, Quarantine, Verdict, contradicted_groups, judge
+from unpoison.defenses.quarantine import QuarantineConfig, Quarantine
+from unpoison.defenses.verdict import Verdict, contradicted_groups, judge
 from unpoison.data.imageset import ImageSet
 from unpoison.metrics import backdoor_metrics
 from unpoison.runtime import Runtime
@@ -80,12 +81,15 @@ def test_judge_catches_missed_poison_releases_agreed_images_and_looks_again():
     # a group passing the z-test but too small in excess (here 10 % of the set) stands out no more
     _, unlearn, groups = judge(_verdict(predicted, given), labels, quarantined, 2, replace(cfg, group_min_excess=0.2))
     assert not unlearn.any() and groups[0]["excess"] < 40
-    # the second look: a kept image of label 0 still contradicted past the first cut is unlearned
+    # the second look: a kept image of label 0 contradicted at the first look and now past
+    # the first cut is unlearned; one the first look agreed with is not (a clean image the
+    # unlearning dragged down), nor one contradicted less surely
     later_pred, later_given = labels.clone(), torch.full((200,), 0.9)
+    later_pred[45], later_given[45] = 1, 0.01
     later_pred[60], later_given[60] = 1, 0.01
-    later_pred[61], later_given[61] = 1, 0.3       # contradicted, but not as surely: kept
+    later_pred[46], later_given[46] = 1, 0.3
     train, unlearn, _ = judge(_verdict(predicted, given), labels, quarantined, 2, cfg, _verdict(later_pred, later_given))
-    assert unlearn[60] and not train[60] and train[61] and int(unlearn.sum()) == 41
+    assert unlearn[45] and not train[45] and train[60] and train[46] and int(unlearn.sum()) == 41
 
 
 @pytest.mark.slow

@@ -1,35 +1,44 @@
 """Quarantine: set the suspects aside, let the model in training judge them, unlearn what it
-contradicts, then look once more for a backdoor learned late. The default of `unpoison train`.
+contradicts, give back what it agrees with. The default of `unpoison train`.
 
-Why this shape (measurements in benchmarks/RESULTS.md, "default pipeline"):
+Why this shape (measurements in benchmarks/RESULTS.md, "The default defence"):
 - A short plain run learns an easy trigger (a patch, a blend) within an epoch or two, and
-  seed expansion (detect/expand.py) then ranks nearly all of that poison in its top 10 %.
-  Retraining without those 10 % costs little accuracy, but the few poisoned images the
+  seed expansion (detect/expand.py) then ranks most of that poison in its top 10 %.
+  Retraining without those 10 % costs a point of accuracy, and the poisoned images the
   probe misses are enough to plant the backdoor again.
 - A model trained on the kept images, part-way through training, predicts the true class of
-  a quarantined poisoned image (it has not seen the trigger with its label), and the given
-  label of most quarantined clean images. Unlearning the contradicted ones, inside the same
-  training run, pushes the trigger away from the target as fast as the missed poison pulls
-  it there: the backdoor is never learned.
-- Some triggers (a warp) are learned late, after the probe; others hide at a low poison
-  rate. The model that labelled the quarantine is an early view of the same run: images the
-  final model fits but the early model confidently called something else, and the images
-  whose final features lie close to them, are what was learned late. When they are many,
-  a short guarded unlearning loop (D-BR's, defenses/dbr.py) removes what they taught.
+  a poisoned image (it has not yet learned the trigger from the few it trains on), and the
+  given label of most clean images. So in the label group the attack targets, the
+  quarantined images are contradicted far more often than that label's kept images; and the
+  poisoned images it contradicts, kept or quarantined, it contradicts with near-zero
+  probability for their label, more surely than the hard clean images of that label.
+  Unlearning them inside the same training run pushes the trigger away from the target as
+  fast as the remaining poison pulls it there: the backdoor is not learned.
+- The quarantined images of every other label that the model agrees with are clean by the
+  same reasoning, and go back into training: the set-aside 10 % costs nothing on clean data.
+- An optional recheck looks, after training, for a backdoor learned late (a warp): images
+  the final model fits that the early model confidently called something else. A short
+  guarded unlearning loop (train/unlearn.py) then removes what they taught. Off by default:
+  on CIFAR-10 it fired on clean sets too and cost accuracy.
 
 Stages:
   1. probe       seed expansion on the whole set; the top `quarantine_fraction` are set aside.
   2. train       the profile's recipe on the kept images. After `verify_at` of the epochs,
-                 the EMA model labels every image (the verdict, kept in the checkpoint). In
-                 each label group of the quarantine whose contradiction rate is well above
-                 the kept images' error rate, the contradicted images are unlearned from then
-                 on: each batch carries a share of them with a margin loss that pushes their
-                 given label a logit below the best other class.
-  3. recheck     late = fitted by the final model, contradicted by the verdict, and among the
-                 `recheck_fraction` closest (final features) to the most confidently
-                 contradicted of them.
-  4. repair      when late is at least `repair_min_fraction` of the set: D-BR's alternating
-                 loop, ascent on late, descent on a random share of the kept images.
+                 the EMA model labels every image (the verdict, kept in the checkpoint), and
+                 `judge` decides: a label group stands out when its quarantined images are
+                 contradicted well above its kept images' error (a z-test, and at least
+                 `group_min_excess` of the set in excess); its contradicted quarantined
+                 images, and its kept images contradicted as surely (`kept_quantile` of the
+                 known poison's probability), are unlearned from then on, each batch carrying a
+                 share of them with a margin loss that pushes their given label a logit below
+                 the best other class. The agreed quarantined images of other labels rejoin
+                 training (`release`). At `second_look_at`, kept images of a standing-out
+                 label still contradicted past the first cut are unlearned too.
+  3. recheck     (optional) late = fitted by the final model, contradicted by the verdict,
+                 and among the `recheck_fraction` closest (final features) to the most
+                 confidently contradicted of them.
+  4. repair      when late is at least `repair_min_fraction` of the set: the shared
+                 unlearning loop, ascent on late, descent on a random share of the trained images.
 
 The defence never sees the poison mask. Settings are typed; `for_profile` gives the measured
 defaults.
@@ -47,14 +56,15 @@ from torch import nn
 from ..context import train_standard
 from ..data.batches import batch_indices
 from ..data.imageset import ImageSet
-from ..detect.expand import ExpandConfig, SeedExpansion, seed_similarity
+from ..detect.expand import ExpandConfig, SeedExpansion
 from ..profiles import get_profile
 from ..runtime import generator
 from ..train.engine import Engine
-from ..train.supervised import DeviceData, TrainConfig, extract_features, predict
+from ..train.supervised import DeviceData, TrainConfig
 from ..train.unlearn import UnlearnConfig, suspected_accuracy, unlearn, unlearning_loss
 from .base import Defense, DefenseContext, DefenseResult, StageTimer
 from .dbr import DBRConfig
+from .verdict import Verdict, judge, late_learned
 
 MIN_PER_CLASS = 10   # below this many images in a class the probe's seeds mean nothing
 MIN_REPAIR = 20      # a late set smaller than this is noise, not a backdoor worth an ascent
@@ -132,106 +142,6 @@ class QuarantineConfig:
         return cls(probe=ExpandConfig.for_profile(profile), train=baseline, repair=repair)
 
 
-class Verdict:
-    """The early model's view of every training image: its predicted class and the
-    probability it gives the given label. Saved with the training checkpoint."""
-
-    def __init__(self) -> None:
-        self.predicted: torch.Tensor | None = None
-        self.given_prob: torch.Tensor | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self.predicted is not None
-
-    def take(self, model: nn.Module, data: ImageSet, runtime) -> None:
-        probs = torch.softmax(predict(model, data.images, runtime), dim=1)
-        self.predicted = probs.argmax(1)
-        self.given_prob = probs.gather(1, data.labels[:, None]).squeeze(1)
-
-    def state_dict(self) -> dict:
-        return {"predicted": self.predicted, "given_prob": self.given_prob}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.predicted, self.given_prob = state["predicted"], state["given_prob"]
-
-
-def contradicted_groups(contradicted: torch.Tensor, quarantined: torch.Tensor, labels: torch.Tensor,
-                        num_classes: int, z: float | None = 3.0,
-                        min_excess: float = 0.0) -> tuple[torch.Tensor, list[dict]]:
-    """Which quarantined images to unlearn (bool mask) and the per-label table behind it.
-
-    A quarantined image the early model contradicts is either poison (its trigger not yet
-    learned) or a clean image that is hard or mislabelled. The kept images of the same label
-    say how often the second happens; a label group whose quarantined images are contradicted
-    more often than that, by `z` standard errors, holds poison, and its contradicted images
-    are unlearned. The quarantine is not a random draw of its labels (the probe picks images
-    that look alike, often confusable ones), so a clean group can pass the z-test; it must
-    also hold at least `min_excess` (a share of the whole set) more contradicted images than
-    the kept error explains: the estimated number of poisoned images in it.
-    z=None unlearns every contradicted quarantined image."""
-    unlearn = torch.zeros_like(quarantined)
-    table = []
-    for c in range(num_classes):
-        group = quarantined & (labels == c)
-        if not group.any():
-            continue
-        kept = ~quarantined & (labels == c)
-        error = float(contradicted[kept].float().mean()) if kept.any() else 0.0
-        rate = float(contradicted[group].float().mean())
-        spread = (max(error * (1 - error), 1e-4) / int(group.sum())) ** 0.5
-        excess = (rate - error) * int(group.sum())
-        chosen = z is None or (rate > error + z * spread and excess >= min_excess * len(labels))
-        if chosen:
-            unlearn |= group & contradicted
-        table.append({"label": c, "quarantined": int(group.sum()), "contradicted_rate": round(rate, 4),
-                      "kept_error": round(error, 4), "excess": round(excess, 1), "unlearned": chosen})
-    return unlearn, table
-
-
-def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num_classes: int,
-          cfg: QuarantineConfig, second: Verdict | None = None) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    """From the verdict on: (train mask, unlearn mask, per-label table).
-
-    Unlearned: the contradicted quarantined images of the label groups that stand out
-    (contradicted_groups), and the kept images of those labels that the early model
-    contradicts as confidently as it contradicts the known poison of the group (the poison
-    the probe missed: the early model has not learned its trigger either, so it gives the
-    label the same near-zero probability). Trained on: the kept images not unlearned and, with
-    `release`, the quarantined images the early model agrees with, of every label that did
-    not stand out (a poisoned image whose trigger is not yet learned is contradicted, so it
-    stays out). With a `second` look, later in training, the images of a standing-out label
-    still trained on that it contradicts past the same cut are unlearned as well: missed
-    poison the unlearning kept from being learned, while the clean images of the label have
-    been learned by then."""
-    contradicted = verdict.predicted != labels
-    unlearn, groups = contradicted_groups(contradicted, quarantined, labels, num_classes, cfg.group_z,
-                                          cfg.group_min_excess)
-    held_labels = torch.zeros(num_classes, dtype=torch.bool)
-    for group in groups:
-        if not group["unlearned"]:
-            continue
-        c = group["label"]
-        held_labels[c] = True
-        known = unlearn & (labels == c)
-        if cfg.kept_quantile is None or not known.any():
-            continue
-        cut = torch.quantile(verdict.given_prob[known].float(), cfg.kept_quantile)
-        caught = ~quarantined & (labels == c) & contradicted & (verdict.given_prob.float() <= cut)
-        unlearn |= caught
-        group["cut"], group["kept_unlearned"] = round(float(cut), 4), int(caught.sum())
-    released = quarantined & ~held_labels[labels] & ~contradicted if cfg.release else torch.zeros_like(quarantined)
-    train = ~unlearn & (~quarantined | released)
-    if second is not None and second.ready:
-        for group in groups:
-            if "cut" in group:
-                later = (train & (labels == group["label"]) & (second.predicted != labels)
-                         & (second.given_prob.float() <= group["cut"]))
-                unlearn, train = unlearn | later, train & ~later
-                group["kept_unlearned_later"] = int(later.sum())
-    return train, unlearn, groups
-
-
 def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, quarantined: torch.Tensor,
                           ctx: DefenseContext, cfg: QuarantineConfig, name: str = "train") -> tuple[nn.Module, Verdict, dict]:
     """Stage 2: train on the kept images; from the verdict on, train on what `judge` keeps
@@ -300,27 +210,6 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
     seen = [r["training"] + r["unlearning"] for r in engine.history if "training" in r]
     plan["images_per_epoch"] = round(sum(seen) / len(seen)) if seen else len(kept_index)
     return trained, verdict, plan
-
-
-def late_learned(model: nn.Module, data: ImageSet, verdict: Verdict, quarantined: torch.Tensor,
-                 ctx: DefenseContext, cfg: QuarantineConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 3: (late mask, recheck score). Late = images the final model fits that the early
-    model contradicted, among the `recheck_fraction` whose final features lie closest to the
-    most confidently contradicted of them (seed expansion again, seeded by disagreement)."""
-    fitted = predict(model, data.images, ctx.runtime).argmax(1) == data.labels
-    contradicted = verdict.predicted != data.labels
-    candidates = fitted & contradicted & ~quarantined
-    score = torch.zeros(len(data))
-    n_seeds = min(int(candidates.sum()), max(2, int(round(len(data) * cfg.recheck_seed_fraction))))
-    if n_seeds < 2:
-        return torch.zeros(len(data), dtype=torch.bool), score
-    candidate_index = candidates.nonzero().flatten()
-    # most confidently contradicted first: the lowest probability the early model gave the label
-    seeds = candidate_index[torch.argsort(verdict.given_prob[candidate_index], stable=True)[:n_seeds]]
-    score = seed_similarity(extract_features(model, data.images, ctx.runtime), seeds, cfg.probe.neighbours)
-    top = torch.zeros(len(data), dtype=torch.bool)
-    top[torch.argsort(score, descending=True, stable=True)[: int(round(len(data) * cfg.recheck_fraction))]] = True
-    return top & candidates, score
 
 
 class Quarantine(Defense):

@@ -1,0 +1,145 @@
+"""The verdict of the model in training on a quarantine, and what quarantine decides from it
+(defenses/quarantine.py is the method; this is its judgement, kept apart to keep both short).
+
+`Verdict`: the early model's predicted class and given-label probability for every image.
+`contradicted_groups`: which label groups of the quarantine hold poison. `judge`: which
+images to train on and which to unlearn from the verdict on. `late_learned`: the optional
+recheck after training.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..data.imageset import ImageSet
+from ..detect.expand import seed_similarity
+from ..train.supervised import extract_features, predict
+from .base import DefenseContext
+
+if TYPE_CHECKING:
+    from .quarantine import QuarantineConfig
+
+
+class Verdict:
+    """The early model's view of every training image: its predicted class and the
+    probability it gives the given label. Saved with the training checkpoint."""
+
+    def __init__(self) -> None:
+        self.predicted: torch.Tensor | None = None
+        self.given_prob: torch.Tensor | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.predicted is not None
+
+    def take(self, model: nn.Module, data: ImageSet, runtime) -> None:
+        probs = torch.softmax(predict(model, data.images, runtime), dim=1)
+        self.predicted = probs.argmax(1)
+        self.given_prob = probs.gather(1, data.labels[:, None]).squeeze(1)
+
+    def state_dict(self) -> dict:
+        return {"predicted": self.predicted, "given_prob": self.given_prob}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.predicted, self.given_prob = state["predicted"], state["given_prob"]
+
+
+def contradicted_groups(contradicted: torch.Tensor, quarantined: torch.Tensor, labels: torch.Tensor,
+                        num_classes: int, z: float | None = 3.0,
+                        min_excess: float = 0.0) -> tuple[torch.Tensor, list[dict]]:
+    """Which quarantined images to unlearn (bool mask) and the per-label table behind it.
+
+    A quarantined image the early model contradicts is either poison (its trigger not yet
+    learned) or a clean image that is hard or mislabelled. The kept images of the same label
+    say how often the second happens; a label group whose quarantined images are contradicted
+    more often than that, by `z` standard errors, holds poison, and its contradicted images
+    are unlearned. The quarantine is not a random draw of its labels (the probe picks images
+    that look alike, often confusable ones), so a clean group can pass the z-test; it must
+    also hold at least `min_excess` (a share of the whole set) more contradicted images than
+    the kept error explains: the estimated number of poisoned images in it.
+    z=None unlearns every contradicted quarantined image."""
+    unlearn = torch.zeros_like(quarantined)
+    table = []
+    for c in range(num_classes):
+        group = quarantined & (labels == c)
+        if not group.any():
+            continue
+        kept = ~quarantined & (labels == c)
+        error = float(contradicted[kept].float().mean()) if kept.any() else 0.0
+        rate = float(contradicted[group].float().mean())
+        spread = (max(error * (1 - error), 1e-4) / int(group.sum())) ** 0.5
+        excess = (rate - error) * int(group.sum())
+        chosen = z is None or (rate > error + z * spread and excess >= min_excess * len(labels))
+        if chosen:
+            unlearn |= group & contradicted
+        table.append({"label": c, "quarantined": int(group.sum()), "contradicted_rate": round(rate, 4),
+                      "kept_error": round(error, 4), "excess": round(excess, 1), "unlearned": chosen})
+    return unlearn, table
+
+
+def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num_classes: int,
+          cfg: QuarantineConfig, second: Verdict | None = None) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """From the verdict on: (train mask, unlearn mask, per-label table).
+
+    Unlearned: the contradicted quarantined images of the label groups that stand out
+    (contradicted_groups), and the kept images of those labels that the early model
+    contradicts as confidently as it contradicts the known poison of the group (the poison
+    the probe missed: the early model has not learned its trigger either, so it gives the
+    label the same near-zero probability). Trained on: the kept images not unlearned and, with
+    `release`, the quarantined images the early model agrees with, of every label that did
+    not stand out (a poisoned image whose trigger is not yet learned is contradicted, so it
+    stays out). With a `second` look, later in training, the images of a standing-out label
+    still trained on, contradicted at the first look and now past the same cut, are unlearned
+    as well: missed
+    poison the unlearning kept from being learned, while the clean images of the label have
+    been learned by then."""
+    contradicted = verdict.predicted != labels
+    unlearn, groups = contradicted_groups(contradicted, quarantined, labels, num_classes, cfg.group_z,
+                                          cfg.group_min_excess)
+    held_labels = torch.zeros(num_classes, dtype=torch.bool)
+    for group in groups:
+        if not group["unlearned"]:
+            continue
+        c = group["label"]
+        held_labels[c] = True
+        known = unlearn & (labels == c)
+        if cfg.kept_quantile is None or not known.any():
+            continue
+        cut = torch.quantile(verdict.given_prob[known].float(), cfg.kept_quantile)
+        caught = ~quarantined & (labels == c) & contradicted & (verdict.given_prob.float() <= cut)
+        unlearn |= caught
+        group["cut"], group["kept_unlearned"] = round(float(cut), 4), int(caught.sum())
+    released = quarantined & ~held_labels[labels] & ~contradicted if cfg.release else torch.zeros_like(quarantined)
+    train = ~unlearn & (~quarantined | released)
+    if second is not None and second.ready:
+        for group in groups:
+            if "cut" in group:
+                later = (train & (labels == group["label"]) & contradicted & (second.predicted != labels)
+                         & (second.given_prob.float() <= group["cut"]))
+                unlearn, train = unlearn | later, train & ~later
+                group["kept_unlearned_later"] = int(later.sum())
+    return train, unlearn, groups
+
+
+def late_learned(model: nn.Module, data: ImageSet, verdict: Verdict, quarantined: torch.Tensor,
+                 ctx: DefenseContext, cfg: QuarantineConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 3: (late mask, recheck score). Late = images the final model fits that the early
+    model contradicted, among the `recheck_fraction` whose final features lie closest to the
+    most confidently contradicted of them (seed expansion again, seeded by disagreement)."""
+    fitted = predict(model, data.images, ctx.runtime).argmax(1) == data.labels
+    contradicted = verdict.predicted != data.labels
+    candidates = fitted & contradicted & ~quarantined
+    score = torch.zeros(len(data))
+    n_seeds = min(int(candidates.sum()), max(2, int(round(len(data) * cfg.recheck_seed_fraction))))
+    if n_seeds < 2:
+        return torch.zeros(len(data), dtype=torch.bool), score
+    candidate_index = candidates.nonzero().flatten()
+    # most confidently contradicted first: the lowest probability the early model gave the label
+    seeds = candidate_index[torch.argsort(verdict.given_prob[candidate_index], stable=True)[:n_seeds]]
+    score = seed_similarity(extract_features(model, data.images, ctx.runtime), seeds, cfg.probe.neighbours)
+    top = torch.zeros(len(data), dtype=torch.bool)
+    top[torch.argsort(score, descending=True, stable=True)[: int(round(len(data) * cfg.recheck_fraction))]] = True
+    return top & candidates, score
