@@ -92,6 +92,27 @@ def test_judge_catches_missed_poison_releases_agreed_images_and_looks_again():
     assert unlearn[45] and not train[45] and train[60] and train[46] and int(unlearn.sum()) == 41
 
 
+def test_judge_unlearns_kept_images_the_probe_sees_alike_the_known_poison_and_no_clean_one():
+    # label 0: 30 quarantined poison, contradicted; 5 kept poison the verdict agrees with (its
+    # trigger learned from them), so no contradiction rule can catch them; 65 kept clean.
+    # In the probe's features the poison shares one direction, the clean images scatter.
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 100 + [1] * 100)
+    quarantined = torch.zeros(200, dtype=torch.bool)
+    quarantined[:30] = quarantined[100:110] = True
+    predicted, given = labels.clone(), torch.full((200,), 0.9)
+    predicted[:30], given[:30] = 1, 0.02
+    features = torch.randn(200, 16, generator=g)
+    features[:35] = torch.randn(35, 16, generator=g) * 0.2 + torch.eye(16)[0] * 3
+    cfg = QuarantineConfig(group_min_excess=0.05)
+    _, unlearn, groups = judge(_verdict(predicted, given), labels, quarantined, 2, cfg, features=features)
+    assert unlearn.nonzero().flatten().tolist() == list(range(35)) and groups[0]["kept_alike"] == 5
+    # without the features, or with the rule off, the agreed kept poison stays in training
+    for kwargs, config in (({}, cfg), ({"features": features}, replace(cfg, alike_quantile=None))):
+        _, unlearn, _ = judge(_verdict(predicted, given), labels, quarantined, 2, config, **kwargs)
+        assert unlearn.nonzero().flatten().tolist() == list(range(30))
+
+
 @pytest.mark.slow
 def test_quarantine_removes_the_toy_backdoor_that_plain_training_learns(tmp_path):
     poisoned, attack, test = tiny_backdoor()

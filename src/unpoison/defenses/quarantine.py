@@ -28,8 +28,10 @@ Stages:
                  `judge` decides: a label group stands out when its quarantined images are
                  contradicted well above its kept images' error (a z-test, and at least
                  `group_min_excess` of the set in excess); its contradicted quarantined
-                 images, and its kept images contradicted as surely (`kept_quantile` of the
-                 known poison's probability), are unlearned from then on, each batch carrying a
+                 images, its kept images as close to them in the probe's features as they
+                 are to each other (`alike_quantile`), and its kept images contradicted as
+                 surely (`kept_quantile` of the known poison's probability), are unlearned from
+                 then on, each batch carrying a
                  share of them with a margin loss that pushes their given label a logit below
                  the best other class, and a cross-entropy towards that class (`unlearn_loss`). The agreed quarantined images of other labels rejoin
                  training (`release`). At `second_look_at`, kept images of a standing-out
@@ -61,7 +63,7 @@ from ..detect.expand import ExpandConfig, SeedExpansion
 from ..profiles import get_profile
 from ..runtime import generator
 from ..train.engine import Engine
-from ..train.supervised import DeviceData, TrainConfig
+from ..train.supervised import DeviceData, TrainConfig, extract_features
 from ..train.unlearn import UnlearnConfig, suspected_accuracy, unlearn, unlearning_loss
 from .base import Defense, DefenseContext, DefenseResult, StageTimer
 from .dbr import DBRConfig
@@ -95,6 +97,10 @@ class QuarantineConfig:
     # at least as confidently as this quantile of the group's contradicted quarantined images
     # (known poison) are unlearned too: poison the probe missed (None: kept images never are)
     kept_quantile: float | None = 0.5
+    # ... and kept images of that label as close to the group's known poison, in the probe's
+    # features, as this quantile of the known poison's own closeness (leave-one-out): poison the
+    # probe ranked just below its cut, contradicted or not (None: off)
+    alike_quantile: float | None = 0.05
     # after the verdict, quarantined images of labels that did not stand out, which the
     # verdict agrees with, go back to training
     release: bool = True
@@ -115,6 +121,8 @@ class QuarantineConfig:
     def __post_init__(self) -> None:
         if self.unlearn_loss not in ("margin", "relabel"):
             raise ValueError(f"quarantine unlearn_loss must be 'margin' or 'relabel', got {self.unlearn_loss!r}")
+        if self.alike_quantile is not None and not 0 <= self.alike_quantile <= 1:
+            raise ValueError(f"quarantine alike_quantile must lie in [0, 1], got {self.alike_quantile}")
         if self.second_look_at is not None and not 0 <= self.second_look_at <= 1:
             raise ValueError(f"quarantine second_look_at must lie in [0, 1], got {self.second_look_at}")
         for name in ("quarantine_fraction", "verify_at", "recheck_seed_fraction", "recheck_fraction",
@@ -145,10 +153,12 @@ class QuarantineConfig:
 
 
 def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, quarantined: torch.Tensor,
-                          ctx: DefenseContext, cfg: QuarantineConfig, name: str = "train") -> tuple[nn.Module, Verdict, dict]:
+                          ctx: DefenseContext, cfg: QuarantineConfig, name: str = "train",
+                          probe_features: torch.Tensor | None = None) -> tuple[nn.Module, Verdict, dict]:
     """Stage 2: train on the kept images; from the verdict on, train on what `judge` keeps
-    and unlearn what it finds in the same batches. Returns (model, verdict, plan), plan =
-    {"train", "unlearn": masks, "groups": table, "images_per_epoch": mean images seen}."""
+    and unlearn what it finds in the same batches (`probe_features`: see judge). Returns
+    (model, verdict, plan), plan = {"train", "unlearn": masks, "groups": table,
+    "images_per_epoch": mean images seen}."""
     recipe = cfg.train
     kept_index = kept.nonzero().flatten()
     # the number of steps is fixed by the kept set (the schedule is per step); after the
@@ -165,7 +175,7 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
     def judged() -> dict:
         if "train" not in plan:
             plan["train"], plan["unlearn"], plan["groups"] = judge(verdict, data.labels, quarantined,
-                                                                   data.num_classes, cfg, second)
+                                                                   data.num_classes, cfg, second, probe_features)
         return plan
 
     def unlearned_loss(logits: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
@@ -233,9 +243,11 @@ class Quarantine(Defense):
             : int(round(len(data) * cfg.quarantine_fraction))]] = True
         kept = ~quarantined
 
+        features = extract_features(detection.model, data.images, ctx.runtime) if cfg.alike_quantile is not None else None
         model, verdict, plan = timer.run(
             "train", cfg.train.epochs,
-            lambda: train_with_unlearning(ctx.new_model(data), data, kept, quarantined, ctx, cfg),
+            lambda: train_with_unlearning(ctx.new_model(data), data, kept, quarantined, ctx, cfg,
+                                          probe_features=features),
             model_of=lambda out: out[0])
         unlearned = plan["unlearn"]
         # plain training's cost is estimated from this stage's images per epoch
@@ -305,10 +317,11 @@ class Quarantine(Defense):
         if held:
             shown = ", ".join(f"'{names[g['label']]}' ({g['contradicted_rate']:.0%} of {g['quarantined']}, against "
                               f"{g['kept_error']:.0%} of the kept images)" for g in held)
-            missed = sum(g.get("kept_unlearned", 0) + g.get("kept_unlearned_later", 0) for g in held)
+            missed = sum(g.get("kept_alike", 0) + g.get("kept_unlearned", 0) + g.get("kept_unlearned_later", 0)
+                         for g in held)
             notes.append(f"the model in training contradicted the labels of the set-aside images of {shown}: "
                          f"those {int((unlearned & quarantined).sum())} images, and {missed} kept images of the same "
-                         f"label it contradicted as surely, were unlearned (a label the images do not support is "
+                         f"label that looked like them to the probe or that it contradicted as surely, were unlearned (a label the images do not support is "
                          f"what a planted trigger teaches)")
         else:
             notes.append("no label among the set-aside images stood out: the model in training contradicted them "

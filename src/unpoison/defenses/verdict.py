@@ -81,7 +81,8 @@ def contradicted_groups(contradicted: torch.Tensor, quarantined: torch.Tensor, l
 
 
 def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num_classes: int,
-          cfg: QuarantineConfig, second: Verdict | None = None) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+          cfg: QuarantineConfig, second: Verdict | None = None,
+          features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """From the verdict on: (train mask, unlearn mask, per-label table).
 
     Unlearned: the contradicted quarantined images of the label groups that stand out
@@ -93,9 +94,13 @@ def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num
     not stand out (a poisoned image whose trigger is not yet learned is contradicted, so it
     stays out). With a `second` look, later in training, the images of a standing-out label
     still trained on, contradicted at the first look and now past the same cut, are unlearned
-    as well: missed
-    poison the unlearning kept from being learned, while the clean images of the label have
-    been learned by then."""
+    as well: missed poison the unlearning kept from being learned, while the clean images of
+    the label have been learned by then.
+    With the probe's `features`, the kept images of a standing-out label that lie as close to
+    its known poison as the least close `alike_quantile` of the known poison itself are
+    unlearned too, contradicted or not: the probe learned the trigger, so in its features the
+    poison it ranked below the cut still sits with the poison it caught, not with the clean
+    images of the label."""
     contradicted = verdict.predicted != labels
     unlearn, groups = contradicted_groups(contradicted, quarantined, labels, num_classes, cfg.group_z,
                                           cfg.group_min_excess)
@@ -106,10 +111,16 @@ def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num
         c = group["label"]
         held_labels[c] = True
         known = unlearn & (labels == c)
+        if features is not None and cfg.alike_quantile is not None and int(known.sum()) >= 2:
+            closeness = seed_similarity(features, known.nonzero().flatten(), cfg.probe.neighbours)
+            bar = torch.quantile(closeness[known], cfg.alike_quantile)
+            alike = ~quarantined & (labels == c) & (closeness >= bar)
+            unlearn |= alike
+            group["kept_alike"] = int(alike.sum())
         if cfg.kept_quantile is None or not known.any():
             continue
         cut = torch.quantile(verdict.given_prob[known].float(), cfg.kept_quantile)
-        caught = ~quarantined & (labels == c) & contradicted & (verdict.given_prob.float() <= cut)
+        caught = ~quarantined & (labels == c) & contradicted & (verdict.given_prob.float() <= cut) & ~unlearn
         unlearn |= caught
         group["cut"], group["kept_unlearned"] = round(float(cut), 4), int(caught.sum())
     released = quarantined & ~held_labels[labels] & ~contradicted if cfg.release else torch.zeros_like(quarantined)
