@@ -31,10 +31,10 @@ Stages:
                  images, its kept images as close to them in the probe's features as they
                  are to each other (`alike_quantile`), and its kept images contradicted as
                  surely (`kept_quantile` of the known poison's probability), are unlearned from
-                 then on, each batch carrying a
-                 share of them with a margin loss that pushes their given label a logit below
-                 the best other class, and a cross-entropy towards that class (`unlearn_loss`). The agreed quarantined images of other labels rejoin
-                 training (`release`). At `second_look_at`, kept images of a standing-out
+                 then on, each batch carrying a share of them with a margin loss that pushes
+                 their given label a logit below the best other class, and a cross-entropy
+                 towards that class (`unlearn_loss`). The agreed quarantined images of other
+                 labels rejoin training (`release`). At `second_look_at`, kept images of a standing-out
                  label still contradicted past the first cut are unlearned too.
   3. recheck     (optional) late = fitted by the final model, contradicted by the verdict,
                  and among the `recheck_fraction` closest (final features) to the most
@@ -63,7 +63,7 @@ from ..detect.expand import ExpandConfig, SeedExpansion
 from ..profiles import get_profile
 from ..runtime import generator
 from ..train.engine import Engine
-from ..train.supervised import DeviceData, TrainConfig, extract_features
+from ..train.supervised import DeviceData, TrainConfig
 from ..train.unlearn import UnlearnConfig, suspected_accuracy, unlearn, unlearning_loss
 from .base import Defense, DefenseContext, DefenseResult, StageTimer
 from .dbr import DBRConfig
@@ -189,7 +189,8 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
         if epoch >= cfg.verify_epoch and not verdict.ready:
             verdict.take(engine.eval_model, data, ctx.runtime)
         look = cfg.second_look_epoch
-        if look is not None and epoch >= look and not second.ready and any("cut" in group for group in judged()["groups"]):
+        if (look is not None and epoch >= look and not second.ready
+                and any("cut" in group for group in judged()["groups"])):
             second.take(engine.eval_model, data, ctx.runtime)
             plan.clear()
         if verdict.ready:
@@ -243,7 +244,7 @@ class Quarantine(Defense):
             : int(round(len(data) * cfg.quarantine_fraction))]] = True
         kept = ~quarantined
 
-        features = extract_features(detection.model, data.images, ctx.runtime) if cfg.alike_quantile is not None else None
+        features = detection.info["features"] if cfg.alike_quantile is not None else None
         model, verdict, plan = timer.run(
             "train", cfg.train.epochs,
             lambda: train_with_unlearning(ctx.new_model(data), data, kept, quarantined, ctx, cfg,
@@ -321,8 +322,8 @@ class Quarantine(Defense):
                          for g in held)
             notes.append(f"the model in training contradicted the labels of the set-aside images of {shown}: "
                          f"those {int((unlearned & quarantined).sum())} images, and {missed} kept images of the same "
-                         f"label that looked like them to the probe or that it contradicted as surely, were unlearned (a label the images do not support is "
-                         f"what a planted trigger teaches)")
+                         f"label that looked like them to the probe or that it contradicted as surely, were "
+                         f"unlearned (a label the images do not support is what a planted trigger teaches)")
         else:
             notes.append("no label among the set-aside images stood out: the model in training contradicted them "
                          "no more often than the kept images of their class, so nothing was unlearned")

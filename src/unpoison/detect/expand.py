@@ -76,6 +76,9 @@ class SeedExpansion(EntropyDetector):
         entropy = self.score(model, data, ctx.runtime)
         n_seeds = max(2, int(round(len(data) * cfg.filter_rate)))
         seeds = torch.argsort(entropy, stable=True)[:n_seeds]
-        scores = seed_similarity(extract_features(model, data.images, ctx.runtime), seeds, cfg.neighbours)
+        features = extract_features(model, data.images, ctx.runtime)
+        scores = seed_similarity(features, seeds, cfg.neighbours)
+        # the features go with the result: a defence that compares images in the probe's
+        # feature space later (quarantine's judge) need not extract them again
         return Detection(scores=scores, flagged=None, model=model, stages=timer.records,
-                         info={"n_seeds": n_seeds, "neighbours": cfg.neighbours})
+                         info={"n_seeds": n_seeds, "neighbours": cfg.neighbours, "features": features})
