@@ -2,12 +2,13 @@
 reference drawn from unpoisoned images, and refuses a reference too small or missing a class."""
 
 import inspect
+from statistics import median
 
 import pytest
 import torch
 
 from conftest import data_root, requires_cifar
-from toy_backdoor import tiny_backdoor, train_toy_backdoored
+from toy_backdoor import TOY_SEEDS, tiny_backdoor, train_toy_backdoored
 from unpoison.defenses import build_defense
 from unpoison.defenses.base import DefenseContext
 from unpoison.defenses.ft import FT
@@ -27,8 +28,8 @@ def backdoor():
     return poisoned, attack, test, model, clean
 
 
-def _ctx(tmp_path, clean=None) -> DefenseContext:
-    ctx = DefenseContext(CPU, "smoke", 0, "wrn16-1", tmp_path, progress=False)
+def _ctx(tmp_path, clean=None, seed: int = 0) -> DefenseContext:
+    ctx = DefenseContext(CPU, "smoke", seed, "wrn16-1", tmp_path, progress=False)
     ctx.clean_reference = clean
     return ctx
 
@@ -57,10 +58,13 @@ def test_repair_lowers_asr_from_the_clean_reference_alone(backdoor, tmp_path, na
     defense = build_defense(name, "smoke")
     # by construction: repair() takes the model, the clean reference and the context, nothing else
     assert list(inspect.signature(defense.repair).parameters) == ["model", "clean", "ctx", "timer"]
-    result = defense.repair(model, clean, _ctx(tmp_path, clean))
-    after = backdoor_metrics(result.model, test, attack, CPU)
-    assert after["asr"] < before["asr"] - 0.25, (name, before, after)
-    assert after["clean_acc"] > 0.5, (name, after)
+    # One 3-epoch repair on 128 toy images lands anywhere in ASR 0.3-0.9 depending on the seed and
+    # on the CPU's kernels (AVX2 and AVX-512 round differently), so the claim is the median's.
+    after = [backdoor_metrics(defense.repair(model, clean, _ctx(tmp_path / str(seed), clean, seed)).model,
+                              test, attack, CPU) for seed in TOY_SEEDS]
+    asr, clean_acc = median(a["asr"] for a in after), median(a["clean_acc"] for a in after)
+    assert asr < before["asr"] - 0.25, (name, before, after)
+    assert clean_acc > 0.5, (name, after)
     # the input model is left as it was
     assert backdoor_metrics(model, test, attack, CPU)["asr"] == before["asr"]
 
