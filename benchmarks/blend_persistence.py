@@ -17,12 +17,8 @@ from pathlib import Path
 
 import torch
 
-from unpoison import artifacts
-from unpoison.attacks import build_attack
-from unpoison.data import load_dataset
-from unpoison.defenses.base import DefenseContext
+from probe_groups import poisoned_set
 from unpoison.detect.expand import ExpandConfig, SeedExpansion
-from unpoison.runtime import Runtime, generator
 from unpoison.train.supervised import predict
 
 
@@ -33,14 +29,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="probe_groups.py's output folder")
     parser.add_argument("--draws", type=int, default=4)
     args = parser.parse_args()
-    runtime = Runtime.create("cpu", "auto")
-    train = load_dataset("cifar10", "train", os.environ["UNPOISON_DATA"])
-    attack = build_attack(args.attack, **ast.literal_eval(args.params))
-    ctx = DefenseContext(runtime, "quick", 0, "wrn16-1", args.out / args.attack, progress=False)
-    ctx.shared_model = artifacts.ModelCache.for_context(ctx, train).shared_model
-    attack.prepare(train, ctx)
-    data = attack.poison(train, generator(0, "poison")).untrusted()
-    ctx.shared_model = artifacts.ModelCache.for_context(ctx, data).shared_model
+    data, _, ctx = poisoned_set(args.attack, ast.literal_eval(args.params), os.environ["UNPOISON_DATA"], args.out, 0)
+    runtime = ctx.runtime
     model = SeedExpansion(ExpandConfig.for_profile("quick")).train_model(data, ctx)   # the cached probe
     record = torch.load(args.out / f"{args.attack}.pt", weights_only=False)
     scores, labels, poison = record["scores"], record["labels"], record["is_poison"]
