@@ -28,14 +28,16 @@ def accuracy(logits_or_pred: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def backdoor_metrics(model: nn.Module, test: ImageSet, attack: Attack, runtime: Runtime,
-                     backdoor=None) -> dict[str, float | None]:
-    """CA, ASR and RA of `model`. ASR and RA are None for the clean baseline (no trigger)."""
-    result: dict[str, float | None] = {"clean_acc": accuracy(predict(model, test.images, runtime), test.labels)}
+                     backdoor=None, tta: bool = False) -> dict[str, float | None]:
+    """CA, ASR and RA of `model` (with test-time augmentation when `tta`, for all three).
+    ASR and RA are None for the clean baseline (no trigger)."""
+    result: dict[str, float | None] = {"clean_acc": accuracy(predict(model, test.images, runtime, tta=tta),
+                                                             test.labels)}
     if attack.name == "none":
         result.update(asr=None, robust_acc=None)
         return result
     backdoor = backdoor or attack.backdoor_test(test)
-    logits = predict(model, backdoor.images, runtime)
+    logits = predict(model, backdoor.images, runtime, tta=tta)
     result["asr"] = accuracy(logits, backdoor.target_labels)
     result["robust_acc"] = accuracy(logits, backdoor.true_labels)
     return result

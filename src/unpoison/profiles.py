@@ -11,7 +11,8 @@ its own per-profile config next to its code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any, TypeVar
 
 from .train.engine import OptimConfig
 from .train.supervised import TrainConfig
@@ -54,3 +55,45 @@ def get_profile(name: str) -> Profile:
                         optim=OptimConfig(lr=0.05, weight_decay=5e-4, schedule="constant")),
             True)
     raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+
+
+# A network's own plain recipe where the profile's (tuned for WRN-16-1) does not suit it:
+# (profile, model) -> recipe. Measurements behind each: benchmarks/RESULTS.md, "A quick recipe".
+MODEL_RECIPES: dict[tuple[str, str], TrainConfig] = {
+    # QuickNet: large batches keep its wide layers busy; at WRN-16-1's 10-epoch wall time it
+    # trains 12 epochs
+    ("quick", "quicknet"): TrainConfig(epochs=12, batch_size=512, augment="weak", label_smoothing=0.2,
+                                       ema_decay=0.99,
+                                       optim=OptimConfig(lr=0.2, weight_decay=5e-4, schedule="onecycle",
+                                                         warmup_epochs=2, warmup_start=0.1)),
+}
+for _width in ("quicknet-s", "quicknet-m"):
+    MODEL_RECIPES[("quick", _width)] = MODEL_RECIPES[("quick", "quicknet")]
+
+
+def model_recipe(profile: str, model: str) -> TrainConfig:
+    """The plain training recipe of `model` in `profile`: its own where it has one, else the
+    profile's."""
+    return MODEL_RECIPES.get((profile, model.lower()), get_profile(profile).baseline)
+
+
+Config = TypeVar("Config")
+
+
+def with_model_recipe(config: Config, profile: str, model: str) -> Config:
+    """`config` with every stage that trains with the profile's plain recipe trained with
+    `model`'s instead. Stages with a recipe of their own (a paper's fine-tuning, a
+    contrastive stage) keep it; `--set` overrides apply afterwards."""
+    mine, default = model_recipe(profile, model), get_profile(profile).baseline
+    if mine == default:
+        return config
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, TrainConfig):
+            return mine if value == default else value
+        if is_dataclass(value) and not isinstance(value, type):
+            changed = {f.name: swap(getattr(value, f.name)) for f in fields(value)}
+            return replace(value, **{k: v for k, v in changed.items() if v is not getattr(value, k)})
+        return value
+
+    return swap(config)

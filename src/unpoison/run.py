@@ -56,6 +56,7 @@ class RunConfig:
     detector: str | None = None  # a detection-only run: this detector instead of a defence
     detector_params: dict[str, Any] = field(default_factory=dict)
     report: bool = True          # write OUT/report.html at the end (a second or two)
+    tta: bool = False             # final CA/ASR/RA with test-time augmentation (image + mirror)
     clean_fraction: float = 0.05  # clean reference for the repair baselines: this share of the
                                   # training set, drawn from unpoisoned images
 
@@ -93,7 +94,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     poisoned = attack.poison(train, generator(cfg.seed, "poison"))
     untrusted = poisoned.untrusted()
 
-    defense = build_defense(cfg.defense, cfg.profile, **cfg.defense_params)
+    defense = build_defense(cfg.defense, cfg.profile, cfg.model, **cfg.defense_params)
     # every setting that is not the paper's, by its --set name (the paper profile lists none)
     deviations = [] if cfg.detector else defense.deviations(cfg.model)
     for line in deviations:
@@ -109,10 +110,13 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         ctx.clean_reference = poisoned.clean_reference(cfg.clean_fraction, generator(cfg.seed, "clean-reference"))
         print(f"[run] clean reference: {len(ctx.clean_reference)} unpoisoned training images "
               f"({cfg.clean_fraction:.0%}), the repair method's only clean data", file=sys.stderr)
-    detector = build_detector(cfg.detector, cfg.profile, **cfg.detector_params) if cfg.detector else None
+    detector = build_detector(cfg.detector, cfg.profile, cfg.model, **cfg.detector_params) if cfg.detector else None
     result = detect(detector, untrusted, ctx) if detector else defense.fit(untrusted, ctx)
 
-    final = backdoor_metrics(result.model, test, attack, runtime, monitor.backdoor)
+    final = backdoor_metrics(result.model, test, attack, runtime, monitor.backdoor, tta=cfg.tta)
+    if cfg.tta:   # both, so a TTA number is never compared with a plain one by mistake
+        plain = backdoor_metrics(result.model, test, attack, runtime, monitor.backdoor)
+        final.update(tta=True, **{f"{key}_no_tta": value for key, value in plain.items()})
     stages = [{**s, **monitor.stage_metrics.get(s["name"], {})} for s in result.stages]
     metrics: dict[str, Any] = {
         "dataset": cfg.dataset, "attack": cfg.attack, "defense": cfg.defense, "model": cfg.model,

@@ -30,10 +30,10 @@ def reference_model(train: ImageSet, ctx: Any, path: str | None = None, epochs: 
         raise ValueError("this attack needs a reference model: call attack.prepare(train, ctx) with a "
                          "DefenseContext, or give reference=PATH to a model.pt")
     from ..config import to_plain
-    from ..profiles import get_profile
+    from ..profiles import model_recipe
     from ..train.supervised import train_supervised
 
-    recipe = get_profile(ctx.profile).baseline
+    recipe = model_recipe(ctx.profile, ctx.model_name)
     if epochs:
         recipe = replace(recipe, epochs=int(epochs))
 

@@ -92,7 +92,7 @@ def resolved_configs(cell: Cell) -> dict[str, Any] | None:
 
     try:
         return _plain({"attack_config": build_attack(cell.attack_name, **cell.attack_params).describe(),
-                       "defense_config": build_defense(cell.defense_name, cell.profile,
+                       "defense_config": build_defense(cell.defense_name, cell.profile, cell.model,
                                                        **cell.defense_params).describe()})
     except (ValueError, TypeError, ImportError):
         return None

@@ -246,7 +246,7 @@ def check_cells(cells: Sequence[Cell]) -> list[str]:
                             lambda: build_attack(cell.attack_name, **cell.attack_params)),
                            (json.dumps(["d", cell.defense_name, cell.profile, cell.defense_params], sort_keys=True,
                                        default=str),
-                            lambda: build_defense(cell.defense_name, cell.profile, **cell.defense_params)),
+                            lambda: build_defense(cell.defense_name, cell.profile, cell.model, **cell.defense_params)),
                            (f"m/{cell.model}", lambda: build_model(cell.model, 10))):
             if key in seen:
                 continue

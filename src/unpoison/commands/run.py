@@ -50,6 +50,9 @@ def register(sub) -> None:
                    help="CBD's mutual-information penalty (default on, as the paper; off = the official code); "
                         "the same as --set mi=on|off")
     p.add_argument("--no-report", action="store_true", help="do not write OUT/report.html")
+    p.add_argument("--tta", action="store_true",
+                   help="measure the final CA/ASR/RA with test-time augmentation (each image and its mirror); "
+                        "metrics.json keeps the plain numbers too, as *_no_tta")
     add_runtime_options(p)
     p.set_defaults(func=cmd_run)
 
@@ -82,7 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     defense_params=defense_params, resume=args.resume, save_model=args.save_model,
                     progress=not args.no_progress, monitor=args.monitor, share_models=not args.no_share,
                     detector=args.detector, detector_params=detector_params,
-                    report=not args.no_report, clean_fraction=args.clean_fraction)
+                    report=not args.no_report, clean_fraction=args.clean_fraction, tta=args.tta)
     metrics = run(cfg)
     shown = {k: metrics[k] for k in ("clean_acc", "asr", "robust_acc", "n_poisoned", "wall_seconds")}
     if "detection" in metrics:

@@ -49,7 +49,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     data_path, out = check_paths(args.data, args.out)
-    detector = build_detector(args.detector, args.profile, **_key_values(args.detector_set))
+    detector = build_detector(args.detector, args.profile, args.model,
+                              **_key_values(args.detector_set))
     profile = get_profile(args.profile)
     runtime = Runtime.create(args.device, args.precision, compile=args.compile)
     prepare_out(out, args.resume, OUTPUTS)

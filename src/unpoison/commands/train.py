@@ -61,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     params = _key_values(args.defense_set)
     if args.epochs is not None:
         params[DEFENSES.get(args.defense).main_epochs] = args.epochs
-    defense = build_defense(args.defense, args.profile, **params)
+    defense = build_defense(args.defense, args.profile, args.model, **params)
     profile = get_profile(args.profile)
     runtime = Runtime.create(args.device, args.precision, compile=args.compile)
     prepare_out(out, args.resume, OUTPUTS)

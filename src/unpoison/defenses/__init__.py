@@ -27,8 +27,8 @@ DEFENSES = Registry("defense", __name__, {
 })
 
 
-def build_defense(name: str, profile: str, **overrides: Any) -> Defense:
-    return DEFENSES.get(name).for_profile(profile, **overrides)
+def build_defense(name: str, profile: str, network: str | None = None, **overrides: Any) -> Defense:
+    return DEFENSES.get(name).for_profile(profile, network, **overrides)
 
 
 __all__ = ["DEFENSES", "Defense", "DefenseContext", "DefenseResult", "StageTimer", "apply_overrides",

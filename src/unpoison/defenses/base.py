@@ -18,6 +18,7 @@ from ..config import apply_overrides, to_plain
 # the context lives below detect/ and defenses/; re-exported here for existing imports
 from ..context import DefenseContext, StageTimer, channel_stats
 from ..data.imageset import ImageSet
+from ..profiles import with_model_recipe
 
 
 @dataclass
@@ -43,8 +44,12 @@ class Defense:
         self.config = config
 
     @classmethod
-    def for_profile(cls, profile: str, **overrides: Any) -> "Defense":
+    def for_profile(cls, profile: str, network: str | None = None, **overrides: Any) -> "Defense":
+        """The profile's config; with `network` (the run's --model), its plain-training stages
+        use that network's recipe (profiles.with_model_recipe); then the overrides."""
         config = cls.Config.for_profile(profile)  # type: ignore[attr-defined]
+        if network is not None:
+            config = with_model_recipe(config, profile, network)
         return cls(apply_overrides(config, overrides))
 
     def fit(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:  # pragma: no cover

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..data.imageset import ImageSet
-from ..profiles import get_profile
+from ..profiles import model_recipe
 from .base import Defense, DefenseContext, DefenseResult, StageTimer
 from ..context import train_standard
 
@@ -71,7 +71,7 @@ class PostTrainingRepair(Defense):
     def fit(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
         clean = check_clean_reference(ctx.clean_reference, data.num_classes, self.config.min_clean, self.name.upper())
         timer = StageTimer(ctx)
-        baseline = get_profile(ctx.profile).baseline
+        baseline = model_recipe(ctx.profile, ctx.model_name)
         # the only use of the untrusted set: the backdoored model, shared with --defense none
         backdoored = timer.run("train", baseline.epochs, lambda: train_standard(data, ctx, baseline))
         result = self.repair(backdoored, clean, ctx, timer)

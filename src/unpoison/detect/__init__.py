@@ -18,8 +18,8 @@ DETECTORS = Registry("detector", __name__, {
 })
 
 
-def build_detector(name: str, profile: str, **overrides: Any) -> Detector:
-    return DETECTORS.get(name).for_profile(profile, **overrides)
+def build_detector(name: str, profile: str, network: str | None = None, **overrides: Any) -> Detector:
+    return DETECTORS.get(name).for_profile(profile, network, **overrides)
 
 
 __all__ = ["DETECTORS", "Detection", "Detector", "build_detector"]

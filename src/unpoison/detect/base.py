@@ -14,6 +14,7 @@ from torch import nn
 from ..data.imageset import ImageSet
 from ..config import apply_overrides, to_plain
 from ..context import DefenseContext
+from ..profiles import with_model_recipe
 
 
 @dataclass
@@ -33,8 +34,12 @@ class Detector:
         self.config = config
 
     @classmethod
-    def for_profile(cls, profile: str, **overrides) -> "Detector":
-        return cls(apply_overrides(cls.Config.for_profile(profile), overrides))  # type: ignore[attr-defined]
+    def for_profile(cls, profile: str, network: str | None = None, **overrides) -> "Detector":
+        """As Defense.for_profile: `network` gives plain-training stages that network's recipe."""
+        config = cls.Config.for_profile(profile)  # type: ignore[attr-defined]
+        if network is not None:
+            config = with_model_recipe(config, profile, network)
+        return cls(apply_overrides(config, overrides))
 
     def detect(self, data: ImageSet, ctx: DefenseContext) -> Detection:  # pragma: no cover
         raise NotImplementedError

@@ -7,6 +7,7 @@ from typing import Callable
 
 from .base import CIFAR10_MEAN, CIFAR10_STD, Classifier
 from .mobilenet import MobileNetV2
+from .quicknet import QuickNet
 from .resnet import PreActResNet18, ResNet18
 from .vgg import VGG16BN
 from .wrn import WideResNet
@@ -20,6 +21,9 @@ MODELS: dict[str, Callable[..., Classifier]] = {
     "resnet18-maxpool": lambda **kw: ResNet18(stem_maxpool=True, **kw),
     "vgg16-bn": VGG16BN,
     "mobilenetv2": MobileNetV2,
+    "quicknet": QuickNet,
+    "quicknet-s": lambda **kw: QuickNet((32, 128, 128), **kw),
+    "quicknet-m": lambda **kw: QuickNet((48, 192, 192), **kw),
 }
 
 

@@ -86,8 +86,12 @@ def train_supervised(model: nn.Module, data: ImageSet, cfg: TrainConfig, runtime
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, runtime: Runtime, batch_size: int = 1024,
-            transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Logits (float32, on the CPU) for uint8 images, in eval mode."""
+            transform: Callable[[torch.Tensor], torch.Tensor] | None = None, tta: bool = False) -> torch.Tensor:
+    """Logits (float32, on the CPU) for uint8 images, in eval mode. `tta`: test-time
+    augmentation, the mean of the logits of each image and its mirror image (the one
+    augmentation every recipe here trains with)."""
+    if tta:
+        return _map_batches(model, images, runtime, batch_size, transform, lambda m, x: (m(x) + m(x.flip(3))) / 2)
     return _map_batches(model, images, runtime, batch_size, transform, lambda m, x: m(x))
 
 

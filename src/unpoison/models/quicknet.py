@@ -1,0 +1,85 @@
+"""QuickNet: a short, wide VGG-style network made for accuracy per CPU-minute.
+
+WRN-16-1's 16-64-channel convolutions are too thin to keep a CPU's vector units busy: its
+time goes to memory traffic, not arithmetic. QuickNet spends the same time on fewer,
+wider layers, in the shape airbench (Jordan, 2024) found fast on a GPU:
+
+    stem   `whiten`: a frozen 2x2 patch-whitening conv (+ its negation), GELU   32 -> 31
+           otherwise: a learned 3x3 conv, BN, GELU                            32 -> 32
+    block  conv 3x3 -> max-pool 2 -> BN -> GELU -> conv 3x3 -> BN -> GELU, widths[i]
+    head   global max-pool -> Linear(widths[-1], classes)
+
+The whitening filters are the data's own: the first batch the network sees fixes them
+(the eigenvectors of its 2x2-patch covariance, scaled to unit variance), so they need no
+extra pass over the data and are saved, as buffers, with the weights. Every first layer
+then sees decorrelated inputs, which is what lets a short run train fast.
+
+Design choices and their measured effect are in benchmarks/RESULTS.md ("A quick recipe").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Classifier
+
+
+def _conv_bn(c_in: int, c_out: int, pool: bool) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)]
+    if pool:
+        # pooling right after the conv, before BN: BN and GELU then run on a quarter of the
+        # pixels (airbench's order)
+        layers.append(nn.MaxPool2d(2))
+    return layers + [nn.BatchNorm2d(c_out), nn.GELU()]
+
+
+class PatchWhitening(nn.Module):
+    """A 2x2 conv whose filters whiten the data's 2x2 patches, set from the first batch seen.
+
+    Output channels: the 12 whitening filters and their negations (so the GELU after it
+    keeps both signs); a learned bias per channel."""
+
+    def __init__(self, eps: float = 5e-4) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.zeros(24, 3, 2, 2))
+        self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
+        self.bias = nn.Parameter(torch.zeros(24))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> None:
+        with torch.autocast(x.device.type, enabled=False):
+            patches = F.unfold(x.float(), 2).transpose(1, 2).reshape(-1, 12)
+            patches = patches - patches.mean(0)
+            covariance = patches.T @ patches / len(patches)
+            eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+            filters = (eigenvectors.T / (eigenvalues + self.eps).sqrt()[:, None]).reshape(12, 3, 2, 2)
+        self.weight.copy_(torch.cat([filters, -filters]))
+        self.ready.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.ready:
+            self.fit(x)
+        return F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+
+class QuickNet(Classifier):
+    def __init__(self, widths: tuple[int, ...] = (64, 256, 256), stem: int = 32, whiten: bool = True,
+                 num_classes: int = 10, **norm) -> None:
+        super().__init__(**norm)
+        if whiten:
+            layers: list[nn.Module] = [PatchWhitening(), nn.GELU()]
+            channels = 24
+        else:
+            layers, channels = _conv_bn(3, stem, pool=False), stem
+        for width in widths:
+            layers += _conv_bn(channels, width, pool=True) + _conv_bn(width, width, pool=False)
+            channels = width
+        self.body = nn.Sequential(*layers)
+        self.feature_dim = channels
+        self.head = nn.Linear(channels, num_classes)
+
+    def backbone(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_max_pool2d(self.body(x), 1).flatten(1)
