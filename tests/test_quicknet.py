@@ -16,7 +16,10 @@ def test_quicknet_shapes_backward_and_size():
     model(x).sum().backward()
     # the whitening filters are data, not parameters: no gradient, no optimiser step
     assert not any(name.startswith("body.0.weight") for name, _ in model.named_parameters())
-    assert all(p.grad is not None for p in model.parameters())
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    # scale-free BatchNorm: the scale stays 1, only the shift learns
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(not m.weight.requires_grad and m.bias.requires_grad for m in norms)
     assert model.feature_dim == 256 and model(x).shape == (8, 10)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(1_970_000, rel=0.02)
     assert sum(p.numel() for p in build_model("quicknet-s", 10).parameters()) == pytest.approx(500_000, rel=0.02)
@@ -81,3 +84,19 @@ def test_a_network_recipe_replaces_the_plain_recipe_only_where_a_stage_uses_it()
     # --set still wins over the network's recipe
     assert build_defense("none", "quick", "quicknet", **{"train.epochs": 3}).config.train.epochs == 3
     assert build_defense("none", "quick", "wrn16-1").config.train == quick
+
+
+def test_norm_shifts_train_at_their_own_lr_with_the_same_decay_per_step(cpu):
+    from unpoison.train.engine import Engine, OptimConfig
+
+    model = build_model("quicknet-s", 4)
+    engine = Engine(model, OptimConfig(lr=0.1, weight_decay=1e-3, schedule="constant", norm_bias_lr_scale=64),
+                    cpu, name="t", epochs=1, steps_per_epoch=1, progress=False)
+    shifts = {id(m.bias) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    scaled = [g for g in engine.optimizer.param_groups if g["lr_scale"] != 1.0]
+    assert len(scaled) == 1 and {id(p) for p in scaled[0]["params"]} == shifts
+    x = torch.rand(8, 3, 32, 32)
+    engine.step(model(x).sum())
+    for group in engine.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(0.1 * group["lr_scale"])
+        assert group["lr"] * group["weight_decay"] == pytest.approx(0.1 * 1e-3)

@@ -7,7 +7,16 @@ wider layers, in the shape airbench (Jordan, 2024) found fast on a GPU:
     stem   `whiten`: a frozen 2x2 patch-whitening conv (+ its negation), GELU   32 -> 31
            otherwise: a learned 3x3 conv, BN, GELU                            32 -> 32
     block  conv 3x3 -> max-pool 2 -> BN -> GELU -> conv 3x3 -> BN -> GELU, widths[i]
-    head   global max-pool -> Linear(widths[-1], classes)
+    head   global max-pool, x 1/9 -> Linear(widths[-1], classes)
+
+Three more of airbench's choices make a short run train faster, each a constructor setting:
+- `dirac`: each conv starts as the identity on its first input-width filters (the rest
+  random), so a fresh deep stack passes its input through instead of scrambling it.
+- `scale_free_norm`: BatchNorm keeps a fixed scale of 1 (only its shift is learned), so every
+  conv is scale-invariant and its shift can take the large learning rate the recipe gives
+  norm biases (OptimConfig.norm_bias_lr_scale).
+- the 1/9 on the pooled features keeps the first logits small, which the recipe's high
+  learning rate needs.
 
 The whitening filters are the data's own: the first batch the network sees fixes them
 (the eigenvectors of its 2x2-patch covariance, scaled to unit variance), so they need no
@@ -26,13 +35,23 @@ from torch import nn
 from .base import Classifier
 
 
-def _conv_bn(c_in: int, c_out: int, pool: bool) -> list[nn.Module]:
-    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)]
+FEATURE_SCALE = 1 / 9
+
+
+def _conv_bn(c_in: int, c_out: int, pool: bool, dirac: bool, scale_free_norm: bool) -> list[nn.Module]:
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+    if dirac:
+        with torch.no_grad():
+            nn.init.dirac_(conv.weight[:min(c_in, c_out)])
+    layers: list[nn.Module] = [conv]
     if pool:
         # pooling right after the conv, before BN: BN and GELU then run on a quarter of the
         # pixels (airbench's order)
         layers.append(nn.MaxPool2d(2))
-    return layers + [nn.BatchNorm2d(c_out), nn.GELU()]
+    norm = nn.BatchNorm2d(c_out, eps=1e-5, momentum=0.4 if scale_free_norm else 0.1)
+    if scale_free_norm:
+        norm.weight.requires_grad_(False)
+    return layers + [norm, nn.GELU()]
 
 
 class PatchWhitening(nn.Module):
@@ -67,19 +86,20 @@ class PatchWhitening(nn.Module):
 
 class QuickNet(Classifier):
     def __init__(self, widths: tuple[int, ...] = (64, 256, 256), stem: int = 32, whiten: bool = True,
-                 num_classes: int = 10, **norm) -> None:
+                 dirac: bool = True, scale_free_norm: bool = True, num_classes: int = 10, **norm) -> None:
         super().__init__(**norm)
+        options = {"dirac": dirac, "scale_free_norm": scale_free_norm}
         if whiten:
             layers: list[nn.Module] = [PatchWhitening(), nn.GELU()]
             channels = 24
         else:
-            layers, channels = _conv_bn(3, stem, pool=False), stem
+            layers, channels = _conv_bn(3, stem, pool=False, **options), stem
         for width in widths:
-            layers += _conv_bn(channels, width, pool=True) + _conv_bn(width, width, pool=False)
+            layers += _conv_bn(channels, width, pool=True, **options) + _conv_bn(width, width, pool=False, **options)
             channels = width
         self.body = nn.Sequential(*layers)
         self.feature_dim = channels
         self.head = nn.Linear(channels, num_classes)
 
     def backbone(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_max_pool2d(self.body(x), 1).flatten(1)
+        return F.adaptive_max_pool2d(self.body(x), 1).flatten(1) * FEATURE_SCALE

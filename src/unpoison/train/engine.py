@@ -50,6 +50,9 @@ class OptimConfig:
     min_lr_fraction: float = 0.0         # cosine floor, as a fraction of lr
     optimizer: str = "sgd"               # sgd | adam
     decay_norm_and_bias: bool = True     # False: no weight decay on BN and bias (FixMatch port)
+    # BatchNorm shifts train at this multiple of the lr, with their weight decay divided by it
+    # so each step decays them as much as the other weights (airbench's "bias scaler")
+    norm_bias_lr_scale: float = 1.0
 
 
 def lr_at(cfg: OptimConfig, progress: float, total_epochs: float) -> float:
@@ -75,13 +78,25 @@ def lr_at(cfg: OptimConfig, progress: float, total_epochs: float) -> float:
     return base
 
 
-def make_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig,
+                   model: nn.Module | None = None) -> torch.optim.Optimizer:
+    """Each param group carries an `lr_scale`: its lr is the schedule's times that."""
     params = [p for p in params if p.requires_grad]
     if cfg.decay_norm_and_bias:
         groups = [{"params": params, "weight_decay": cfg.weight_decay}]
     else:
         groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": cfg.weight_decay},
                   {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
+    if cfg.norm_bias_lr_scale != 1.0 and model is not None:
+        shifts = {id(m.bias) for m in model.modules()
+                  if isinstance(m, nn.modules.batchnorm._NormBase) and m.bias is not None}
+        scaled = [p for p in params if id(p) in shifts]
+        for group in groups:
+            group["params"] = [p for p in group["params"] if id(p) not in shifts]
+        groups.append({"params": scaled, "lr_scale": cfg.norm_bias_lr_scale,
+                       "weight_decay": (cfg.weight_decay if cfg.decay_norm_and_bias else 0.0) / cfg.norm_bias_lr_scale})
+    for group in groups:
+        group.setdefault("lr_scale", 1.0)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     if cfg.optimizer == "adam":
@@ -141,7 +156,7 @@ class Engine:
         self.runtime = runtime
         self.model = runtime.prepare_model(model)
         self.optim_cfg = optim
-        self.optimizer = make_optimizer(params if params is not None else self.model.parameters(), optim)
+        self.optimizer = make_optimizer(params if params is not None else self.model.parameters(), optim, self.model)
         self.name, self.epochs, self.seed = name, epochs, seed
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.ema = EMA(self.model, ema_decay) if ema_decay else None
@@ -175,7 +190,7 @@ class Engine:
                                      "lower the learning rate")
         lr = self.lr
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip:

@@ -20,6 +20,9 @@ AUGMENTATIONS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]
     "weak": augment.weak,
     # crop + flip + a 2x2 cutout hole: the ABL/CBD training transform (Cutout "length 3")
     "weak+cutout": lambda x, g: augment.cutout(augment.weak(x, g), g, 2, fill=0.0),
+    # flip + a shift of up to 2 pixels with mirrored borders: gentler than "weak", which suits
+    # a run of ten-odd epochs (airbench's augmentation)
+    "light": lambda x, g: augment.weak(x, g, padding=2, pad_mode="reflect"),
     "strong": augment.strong,
 }
 
