@@ -66,10 +66,18 @@ def test_tta_averages_an_image_and_its_mirror_and_is_off_by_default(cpu):
     model = build_model("quicknet-s", 4).eval()
     images = _toy(8).images
     plain, tta = predict(model, images, cpu), predict(model, images, cpu, tta=True)
-    mirrored = predict(model, images.flip(3), cpu)
     assert plain.shape == tta.shape == (8, 4)
-    assert torch.allclose(tta, (plain + mirrored) / 2, atol=1e-5)
     assert not torch.allclose(plain, tta)
+    # the views: the image and its mirror (1/2), and each 1-pixel diagonal shift with its mirror (1/4)
+    x = images.float() / 255
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    views = [x, padded[..., :32, :32], padded[..., 2:, 2:]]
+    with torch.no_grad():
+        by_view = [(model(v) + model(v.flip(3))) / 2 for v in views]
+    assert torch.allclose(tta, by_view[0] / 2 + (by_view[1] + by_view[2]) / 4, atol=1e-4)
+    # an image that is its own mirror, flat in colour: every view is the image itself
+    uniform = torch.full((2, 3, 32, 32), 77, dtype=torch.uint8)
+    assert torch.allclose(predict(model, uniform, cpu, tta=True), predict(model, uniform, cpu), atol=1e-4)
 
 
 def test_a_network_recipe_replaces_the_plain_recipe_only_where_a_stage_uses_it():

@@ -56,7 +56,7 @@ class RunConfig:
     detector: str | None = None  # a detection-only run: this detector instead of a defence
     detector_params: dict[str, Any] = field(default_factory=dict)
     report: bool = True          # write OUT/report.html at the end (a second or two)
-    tta: bool = False             # final CA/ASR/RA with test-time augmentation (image + mirror)
+    tta: bool = False             # final CA/ASR/RA with test-time augmentation (mirror, 1-pixel shifts)
     clean_fraction: float = 0.05  # clean reference for the repair baselines: this share of the
                                   # training set, drawn from unpoisoned images
 

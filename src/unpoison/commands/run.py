@@ -51,8 +51,8 @@ def register(sub) -> None:
                         "the same as --set mi=on|off")
     p.add_argument("--no-report", action="store_true", help="do not write OUT/report.html")
     p.add_argument("--tta", action="store_true",
-                   help="measure the final CA/ASR/RA with test-time augmentation (each image and its mirror); "
-                        "metrics.json keeps the plain numbers too, as *_no_tta")
+                   help="measure the final CA/ASR/RA with test-time augmentation (each image, its mirror and "
+                        "1-pixel shifts); metrics.json keeps the plain numbers too, as *_no_tta")
     add_runtime_options(p)
     p.set_defaults(func=cmd_run)
 

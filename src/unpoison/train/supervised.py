@@ -90,12 +90,22 @@ def train_supervised(model: nn.Module, data: ImageSet, cfg: TrainConfig, runtime
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, runtime: Runtime, batch_size: int = 1024,
             transform: Callable[[torch.Tensor], torch.Tensor] | None = None, tta: bool = False) -> torch.Tensor:
-    """Logits (float32, on the CPU) for uint8 images, in eval mode. `tta`: test-time
-    augmentation, the mean of the logits of each image and its mirror image (the one
-    augmentation every recipe here trains with)."""
-    if tta:
-        return _map_batches(model, images, runtime, batch_size, transform, lambda m, x: (m(x) + m(x.flip(3))) / 2)
-    return _map_batches(model, images, runtime, batch_size, transform, lambda m, x: m(x))
+    """Logits (float32, on the CPU) for uint8 images, in eval mode; with `tta`, averaged over
+    test-time views (`tta_logits`)."""
+    return _map_batches(model, images, runtime, batch_size, transform, tta_logits if tta else lambda m, x: m(x))
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation: the image and its mirror (weight 1/2 together), and the image
+    shifted one pixel up-left and one down-right with mirrored borders, each with its mirror
+    (1/4 a pair): the views the training augmentations make most often."""
+    def pair(v: torch.Tensor) -> torch.Tensor:
+        return (model(v) + model(v.flip(3))) / 2
+
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = (pair(padded[..., :h, :w]) + pair(padded[..., 2:, 2:])) / 2
+    return (pair(x) + shifted) / 2
 
 
 @torch.no_grad()
