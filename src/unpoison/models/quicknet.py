@@ -88,18 +88,25 @@ class QuickNet(Classifier):
     def __init__(self, widths: tuple[int, ...] = (64, 256, 256), stem: int = 32, whiten: bool = True,
                  dirac: bool = True, scale_free_norm: bool = True, num_classes: int = 10, **norm) -> None:
         super().__init__(**norm)
+        if len(widths) != 3:
+            raise ValueError(f"QuickNet has three blocks; got widths {widths}")
         options = {"dirac": dirac, "scale_free_norm": scale_free_norm}
         if whiten:
-            layers: list[nn.Module] = [PatchWhitening(), nn.GELU()]
+            self.stem = nn.Sequential(PatchWhitening(), nn.GELU())
             channels = 24
         else:
-            layers, channels = _conv_bn(3, stem, pool=False, **options), stem
+            self.stem, channels = nn.Sequential(*_conv_bn(3, stem, pool=False, **options)), stem
+        blocks = []
         for width in widths:
-            layers += _conv_bn(channels, width, pool=True, **options) + _conv_bn(width, width, pool=False, **options)
+            blocks.append(nn.Sequential(*_conv_bn(channels, width, pool=True, **options),
+                                        *_conv_bn(width, width, pool=False, **options)))
             channels = width
-        self.body = nn.Sequential(*layers)
+        # named as WRN's groups, so methods that work on a network's groups (NAD's attention,
+        # ASD's last group) find them
+        self.block1, self.block2, self.block3 = blocks
         self.feature_dim = channels
         self.head = nn.Linear(channels, num_classes)
 
     def backbone(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_max_pool2d(self.body(x), 1).flatten(1) * FEATURE_SCALE
+        out = self.block3(self.block2(self.block1(self.stem(x))))
+        return F.adaptive_max_pool2d(out, 1).flatten(1) * FEATURE_SCALE
