@@ -1,5 +1,7 @@
 """QuickNet, its recipe, and test-time augmentation."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from unpoison.data.imageset import ImageSet
 from unpoison.defenses import build_defense
 from unpoison.models import build_model
 from unpoison.profiles import get_profile, model_recipe
-from unpoison.train.supervised import TrainConfig, predict, train_supervised
+from unpoison.train.supervised import predict, train_supervised
 
 
 def test_quicknet_shapes_backward_and_size():
@@ -15,7 +17,7 @@ def test_quicknet_shapes_backward_and_size():
     x = torch.rand(8, 3, 32, 32)
     model(x).sum().backward()
     # the whitening filters are data, not parameters: no gradient, no optimiser step
-    assert not any(name.startswith("body.0.weight") for name, _ in model.named_parameters())
+    assert not any(name.startswith("stem.0.weight") for name, _ in model.named_parameters())
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     # scale-free BatchNorm: the scale stays 1, only the shift learns
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -31,7 +33,7 @@ def test_whitening_is_fitted_once_from_the_first_batch_and_travels_with_the_weig
     base = torch.rand(64, 1, 32, 32, generator=g)
     x = (0.7 * base + 0.3 * torch.rand(64, 3, 32, 32, generator=g)).clamp(0, 1)
     model = build_model("quicknet-s", 10)
-    whitening = model.body[0]
+    whitening = model.stem[0]
     assert not whitening.ready
     model(x)
     out = torch.nn.functional.conv2d((x - model.mean) / model.std, whitening.weight[:12])
@@ -43,7 +45,7 @@ def test_whitening_is_fitted_once_from_the_first_batch_and_travels_with_the_weig
     assert torch.equal(whitening.weight, fitted)
     copy = build_model("quicknet-s", 10)
     copy.load_state_dict(model.state_dict())
-    assert copy.body[0].ready and torch.equal(copy.body[0].weight, fitted)
+    assert copy.stem[0].ready and torch.equal(copy.stem[0].weight, fitted)
 
 
 def _toy(n=96, seed=0):
@@ -53,7 +55,8 @@ def _toy(n=96, seed=0):
 
 
 def test_quicknet_training_is_deterministic(cpu):
-    data, recipe = _toy(), TrainConfig(epochs=2, batch_size=32, ema_decay=0.9)
+    # QuickNet's own quick recipe (BatchNorm shifts at their own lr, light augmentation), shortened
+    data, recipe = _toy(), replace(model_recipe("quick", "quicknet-s"), epochs=2, batch_size=32)
     weights = []
     for _ in range(2):
         torch.manual_seed(123)   # the same initial weights; the run's randomness is its seed's
@@ -67,6 +70,8 @@ def test_tta_averages_an_image_and_its_mirror_and_is_off_by_default(cpu):
     images = _toy(8).images
     plain, tta = predict(model, images, cpu), predict(model, images, cpu, tta=True)
     assert plain.shape == tta.shape == (8, 4)
+    with torch.no_grad():   # off by default: one view, the image itself
+        assert torch.allclose(plain, model(images.float() / 255), atol=1e-5)
     assert not torch.allclose(plain, tta)
     # the views: the image and its mirror (1/2), and each 1-pixel diagonal shift with its mirror (1/4)
     x = images.float() / 255

@@ -66,3 +66,17 @@ def test_detection_only_run_records_the_detectors_scores(tmp_path):
                             report=False))
     assert metrics["detector"] == "expand" and 0 <= metrics["detection"]["auroc"] <= 1
     assert [s["name"] for s in metrics["stages"]] == ["SL"] and "detection-only" in metrics["notes"][0]
+
+
+@requires_cifar
+def test_tta_run_records_both_measurements_and_quicknet_trains_through_run(tmp_path):
+    base = dict(profile="smoke", attack="badnets", model="quicknet-s", data_root=str(data_root()),
+                progress=False, report=False, test_subset=128)
+    metrics = run(RunConfig(out=str(tmp_path / "tta"), tta=True, **base))
+    assert metrics["tta"] is True and metrics["model"] == "quicknet-s"
+    for key in ("clean_acc", "asr", "robust_acc"):
+        assert 0 <= metrics[key] <= 1 and 0 <= metrics[f"{key}_no_tta"] <= 1
+    plain = run(RunConfig(out=str(tmp_path / "plain"), **base))
+    assert "tta" not in plain and "clean_acc_no_tta" not in plain
+    # the same training (the cache reuses it): without TTA, the plain numbers are the TTA run's
+    assert plain["clean_acc"] == pytest.approx(metrics["clean_acc_no_tta"])
