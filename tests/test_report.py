@@ -54,7 +54,8 @@ def stored_run(toy_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "badnets-scoring"
     patch = pytest.MonkeyPatch()
     patch.setattr(run_module, "build_defense",
-                  lambda name, profile, **kw: LossScoringDefense.wrap(build_defense(name, profile, **kw)))
+                  lambda name, profile, network=None, **kw:
+                  LossScoringDefense.wrap(build_defense(name, profile, network, **kw)))
     try:
         run_module.run(run_module.RunConfig(profile="smoke", attack="badnets", out=str(out), data_root=str(toy_root),
                                             device="cpu", precision="fp32", progress=False, monitor="epochs",
