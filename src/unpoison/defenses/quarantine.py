@@ -23,10 +23,12 @@ Why this shape (measurements in benchmarks/RESULTS.md, "The default defence"):
 
 Stages:
   1. probe       seed expansion on the whole set; the top `quarantine_fraction` are set aside.
-  2. train       the profile's recipe on the kept images. After `verify_at` of the epochs,
+  2. train       the profile's recipe on the kept images. After `verify_at` of the epochs
+                 (with `early_looks`, after the first epoch at which a group stands out),
                  the EMA model labels every image (the verdict, kept in the checkpoint), and
                  `judge` decides: a label group stands out when its quarantined images are
-                 contradicted well above its kept images' error (a z-test, and at least
+                 doubted (given less probability for their label than `doubt_quantile` of
+                 the label's kept images get) well above that share (a z-test, and at least
                  `group_min_excess` of the set in excess); its contradicted quarantined
                  images, its kept images as close to them in the probe's features as they
                  are to each other (`alike_quantile`), and its kept images contradicted as
@@ -79,6 +81,10 @@ class QuarantineConfig:
     quarantine_fraction: float = 0.10    # share of the set the probe sets aside
     train: TrainConfig = field(default_factory=lambda: get_profile("quick").baseline)
     verify_at: float = 0.4               # share of the training epochs before the verdict
+    # look every epoch from the first on, and take the verdict at the first look where a label
+    # group stands out (at the latest at `verify_at`): a network that learns a trigger from the
+    # poison the probe missed within an epoch or two leaves nothing to contradict by `verify_at`
+    early_looks: bool = False
     # a second look: the kept images of a standing-out label that the model still
     # contradicts, past the first look's cut, are unlearned too (None: no second look)
     second_look_at: float | None = 0.7
@@ -91,6 +97,13 @@ class QuarantineConfig:
     # a label group's contradicted images are unlearned when its contradiction rate exceeds the
     # kept images' of that label by this many standard errors (None: every contradicted image)
     group_z: float | None = 3.0
+    # what the z-test counts. "doubted": images given less probability for their label than
+    # `doubt_quantile` of the kept images of that label get (verdict.doubted). "contradicted":
+    # images whose label the model does not predict, against the kept images' error; it missed
+    # a patch at 10 % of frogs whose kept frogs the model got 53 % wrong at the verdict
+    # (benchmarks/RESULTS.md, quarantine v5)
+    group_signal: Literal["doubted", "contradicted"] = "doubted"
+    doubt_quantile: float = 0.1
     # ... and hold at least this share of the set in contradicted images beyond the kept error
     group_min_excess: float = 0.005
     # in a label group that stood out, kept images of that label which the verdict contradicts
@@ -119,13 +132,15 @@ class QuarantineConfig:
     repair_tolerance: float = 0.02
 
     def __post_init__(self) -> None:
+        if self.group_signal not in ("doubted", "contradicted"):
+            raise ValueError(f"quarantine group_signal must be 'doubted' or 'contradicted', got {self.group_signal!r}")
         if self.unlearn_loss not in ("margin", "relabel"):
             raise ValueError(f"quarantine unlearn_loss must be 'margin' or 'relabel', got {self.unlearn_loss!r}")
         if self.alike_quantile is not None and not 0 <= self.alike_quantile <= 1:
             raise ValueError(f"quarantine alike_quantile must lie in [0, 1], got {self.alike_quantile}")
         if self.second_look_at is not None and not 0 <= self.second_look_at <= 1:
             raise ValueError(f"quarantine second_look_at must lie in [0, 1], got {self.second_look_at}")
-        for name in ("quarantine_fraction", "verify_at", "recheck_seed_fraction", "recheck_fraction",
+        for name in ("quarantine_fraction", "verify_at", "doubt_quantile", "recheck_seed_fraction", "recheck_fraction",
                      "repair_min_fraction", "trusted_fraction"):
             value = getattr(self, name)
             if not 0 <= value <= 1:
@@ -186,8 +201,11 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
         return loss
 
     def epoch_fn(engine: Engine, epoch: int, g: torch.Generator) -> dict:
-        if epoch >= cfg.verify_epoch and not verdict.ready:
+        if not verdict.ready and (epoch >= cfg.verify_epoch or (cfg.early_looks and epoch >= 1)):
             verdict.take(engine.eval_model, data, ctx.runtime)
+            if epoch < cfg.verify_epoch and not any(group["unlearned"] for group in judged()["groups"]):
+                verdict.clear()   # nothing stands out yet: train on, look again after the next epoch
+                plan.clear()
         look = cfg.second_look_epoch
         if (look is not None and epoch >= look and not second.ready
                 and any("cut" in group for group in judged()["groups"])):
@@ -316,11 +334,13 @@ class Quarantine(Defense):
         notes = [f"set aside {int(quarantined.sum())} of {n} images ({quarantined.float().mean():.1%}) before training"]
         held = [g for g in groups if g["unlearned"]]
         if held:
-            shown = ", ".join(f"'{names[g['label']]}' ({g['contradicted_rate']:.0%} of {g['quarantined']}, against "
-                              f"{g['kept_error']:.0%} of the kept images)" for g in held)
+            shown = ", ".join(f"'{names[g['label']]}' ({g['rate']:.0%} of {g['quarantined']}, against "
+                              f"{g['kept_rate']:.0%} of the kept images)" for g in held)
             missed = sum(g.get("kept_alike", 0) + g.get("kept_unlearned", 0) + g.get("kept_unlearned_later", 0)
                          for g in held)
-            notes.append(f"the model in training contradicted the labels of the set-aside images of {shown}: "
+            doubt = ("contradicted the labels of" if self.config.group_signal == "contradicted" else
+                     "gave less probability to the labels of")
+            notes.append(f"the model in training {doubt} the set-aside images of {shown}: "
                          f"those {int((unlearned & quarantined).sum())} images, and {missed} kept images of the same "
                          f"label that looked like them to the probe or that it contradicted as surely, were "
                          f"unlearned (a label the images do not support is what a planted trigger teaches)")

@@ -2,7 +2,7 @@
 (defenses/quarantine.py is the method; this is its judgement, kept apart to keep both short).
 
 `Verdict`: the early model's predicted class and given-label probability for every image.
-`contradicted_groups`: which label groups of the quarantine hold poison. `judge`: which
+`contradicted_groups` and `doubted`: which label groups of the quarantine hold poison. `judge`: which
 images to train on and which to unlearn from the verdict on. `late_learned`: the optional
 recheck after training.
 """
@@ -43,24 +43,28 @@ class Verdict:
     def state_dict(self) -> dict:
         return {"predicted": self.predicted, "given_prob": self.given_prob}
 
+    def clear(self) -> None:
+        self.predicted = self.given_prob = None
+
     def load_state_dict(self, state: dict) -> None:
         self.predicted, self.given_prob = state["predicted"], state["given_prob"]
 
 
 def contradicted_groups(contradicted: torch.Tensor, quarantined: torch.Tensor, labels: torch.Tensor,
-                        num_classes: int, z: float | None = 3.0,
-                        min_excess: float = 0.0) -> tuple[torch.Tensor, list[dict]]:
+                        num_classes: int, z: float | None = 3.0, min_excess: float = 0.0,
+                        signal: torch.Tensor | None = None) -> tuple[torch.Tensor, list[dict]]:
     """Which quarantined images to unlearn (bool mask) and the per-label table behind it.
 
     A quarantined image the early model contradicts is either poison (its trigger not yet
     learned) or a clean image that is hard or mislabelled. The kept images of the same label
-    say how often the second happens; a label group whose quarantined images are contradicted
-    more often than that, by `z` standard errors, holds poison, and its contradicted images
-    are unlearned. The quarantine is not a random draw of its labels (the probe picks images
-    that look alike, often confusable ones), so a clean group can pass the z-test; it must
-    also hold at least `min_excess` (a share of the whole set) more contradicted images than
-    the kept error explains: the estimated number of poisoned images in it.
-    z=None unlearns every contradicted quarantined image."""
+    say how often the second happens; a label group whose quarantined images carry the
+    `signal` (default: contradicted; see `doubted`) more often than its kept images do, by `z`
+    standard errors, holds poison, and its contradicted images are unlearned. The quarantine is
+    not a random draw of its labels (the probe picks images that look alike, often easy ones),
+    so a clean group can pass the z-test; it must also hold at least `min_excess` (a share of
+    the whole set) more such images than the kept rate explains: the estimated number of
+    poisoned images in it. z=None unlearns every contradicted quarantined image."""
+    signal = contradicted if signal is None else signal
     unlearn = torch.zeros_like(quarantined)
     table = []
     for c in range(num_classes):
@@ -68,16 +72,41 @@ def contradicted_groups(contradicted: torch.Tensor, quarantined: torch.Tensor, l
         if not group.any():
             continue
         kept = ~quarantined & (labels == c)
-        error = float(contradicted[kept].float().mean()) if kept.any() else 0.0
-        rate = float(contradicted[group].float().mean())
-        spread = (max(error * (1 - error), 1e-4) / int(group.sum())) ** 0.5
-        excess = (rate - error) * int(group.sum())
-        chosen = z is None or (rate > error + z * spread and excess >= min_excess * len(labels))
+        base = float(signal[kept].float().mean()) if kept.any() else 0.0
+        rate = float(signal[group].float().mean())
+        spread = (max(base * (1 - base), 1e-4) / int(group.sum())) ** 0.5
+        excess = (rate - base) * int(group.sum())
+        chosen = z is None or (rate > base + z * spread and excess >= min_excess * len(labels))
         if chosen:
             unlearn |= group & contradicted
-        table.append({"label": c, "quarantined": int(group.sum()), "contradicted_rate": round(rate, 4),
+        error = float(contradicted[kept].float().mean()) if kept.any() else 0.0
+        table.append({"label": c, "quarantined": int(group.sum()), "rate": round(rate, 4), "kept_rate": round(base, 4),
+                      "contradicted_rate": round(float(contradicted[group].float().mean()), 4),
                       "kept_error": round(error, 4), "excess": round(excess, 1), "unlearned": chosen})
     return unlearn, table
+
+
+def doubted(given_prob: torch.Tensor, quarantined: torch.Tensor, labels: torch.Tensor, num_classes: int,
+            quantile: float) -> torch.Tensor:
+    """Images given less probability for their label than the `quantile` of the kept images of
+    that label get (ties counted half, so a block of equal probabilities is neither all in nor
+    all out): about `quantile` of the kept images, and of a clean quarantined group (which the
+    probe fills with easy images) fewer; of a poisoned group, whose trigger the model has not
+    learned, most of the poison. Unlike contradiction it does not depend on how many kept images
+    the model in training gets wrong, which part-way through a high-lr run swings from 10 % to
+    80 % between labels and epochs and can hide a poisoned group's excess."""
+    below = torch.zeros_like(quarantined)
+    for c in range(num_classes):
+        kept = ~quarantined & (labels == c)
+        if not kept.any():
+            continue
+        of_label = labels == c
+        reference, _ = torch.sort(given_prob[kept].float())
+        values = given_prob[of_label].float().contiguous()
+        lower = torch.searchsorted(reference, values, right=False)
+        upper = torch.searchsorted(reference, values, right=True)
+        below[of_label] = (lower + upper).float() / (2 * len(reference)) < quantile
+    return below
 
 
 def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num_classes: int,
@@ -102,8 +131,11 @@ def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num
     poison it ranked below the cut still sits with the poison it caught, not with the clean
     images of the label."""
     contradicted = verdict.predicted != labels
+    signal = None
+    if cfg.group_signal == "doubted":
+        signal = doubted(verdict.given_prob.float(), quarantined, labels, num_classes, cfg.doubt_quantile)
     unlearn, groups = contradicted_groups(contradicted, quarantined, labels, num_classes, cfg.group_z,
-                                          cfg.group_min_excess)
+                                          cfg.group_min_excess, signal)
     held_labels = torch.zeros(num_classes, dtype=torch.bool)
     for group in groups:
         if not group["unlearned"]:
