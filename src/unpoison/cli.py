@@ -13,6 +13,8 @@ from . import __version__
 
 # one module per verb in unpoison/commands/, each with register(subparsers)
 COMMANDS = ("run", "poison", "bench", "report", "scan", "train", "predict", "repair")
+# --model of every command that trains from scratch (run, poison, scan, train)
+DEFAULT_ARCHITECTURE = "wrn16-1"
 
 
 def _key_values(pairs: Sequence[str] | None) -> dict[str, Any]:
@@ -47,6 +49,39 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_paths(p: argparse.ArgumentParser, data_help: str, out_help: str = "output folder") -> None:
+    """--data and --out, both required: what a user command reads and where it writes."""
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--out", required=True, help=out_help)
+
+
+def add_architecture_option(p: argparse.ArgumentParser, what: str = "architecture") -> None:
+    """--model for a command that trains from scratch: one default architecture for all of them."""
+    p.add_argument("--model", default=DEFAULT_ARCHITECTURE, help=f"{what} (default: {DEFAULT_ARCHITECTURE})")
+
+
+def add_untrusted_folder_options(p: argparse.ArgumentParser, method_flag: str, default: str, names_help: str,
+                                 model_what: str = "architecture") -> None:
+    """What the commands over an untrusted folder (scan, train) start with: the folder, the
+    output folder, the method they run (--detector or --defense, by registry name) and the
+    architecture it trains; `build_detector` and `build_defense` take the last two together."""
+    add_paths(p, "ImageFolder directory or archive (a train/ inside is used)")
+    p.add_argument(method_flag, default=default, help=names_help)
+    add_architecture_option(p, model_what)
+
+
+def add_overrides_option(p: argparse.ArgumentParser, dest: str, help_text: str) -> None:
+    """--set KEY=VALUE, repeatable: typed-config overrides, read with `_key_values`."""
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", dest=dest, help=help_text)
+
+
+def add_held_out_options(p: argparse.ArgumentParser) -> None:
+    """Where a user command measures accuracy without ground truth (train, repair)."""
+    p.add_argument("--test", default=None, help="held-out ImageFolder with the same class names")
+    p.add_argument("--val-split", type=float, default=None,
+                   help="hold out this fraction of every class (default 0.1 when there is no test set; 0: none)")
+
+
 def add_input_options(p: argparse.ArgumentParser, split_help: str) -> None:
     """How an untrusted folder is read: the image size and the subfolder."""
     p.add_argument("--image-size", type=int, default=32, help="images are resized to this square size (default 32)")
@@ -54,11 +89,13 @@ def add_input_options(p: argparse.ArgumentParser, split_help: str) -> None:
 
 
 def add_session_options(p: argparse.ArgumentParser) -> None:
-    """Profile, seed, --resume and --no-share: for a command that trains into an output folder."""
+    """Profile, seed, --resume and --no-share, then the runtime options: for a command that
+    trains into an output folder."""
     p.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints after an interruption")
     p.add_argument("--no-share", action="store_true", help="do not reuse models of identical earlier runs")
+    add_runtime_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -131,6 +131,11 @@ class HeldOutMonitor:
     def curves(self) -> list[dict]:
         return held_out_curves(self.path.parent)
 
+    def accuracy(self, model: nn.Module) -> float | None:
+        """Accuracy on every held-out image (None without held-out images): the final number,
+        and in `repair` the number before."""
+        return held_out_accuracy(model, self.held_out, self.runtime) if self.held_out is not None else None
+
 
 def held_out_accuracy(model: nn.Module, data: ImageSet, runtime: Runtime) -> float:
     return accuracy(predict(model, data.images, runtime), data.labels)

@@ -23,7 +23,7 @@ import shutil
 
 import torch
 
-from ..cli import _key_values, _position, add_runtime_options
+from ..cli import _key_values, _position, add_architecture_option, add_runtime_options
 
 
 def register(sub) -> None:
@@ -37,7 +37,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the poison draw and of reference models")
     p.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"],
                    help="training recipe of reference models (TrojanNN, LC) (default: quick)")
-    p.add_argument("--model", default="wrn16-1", help="architecture of reference models (default: wrn16-1)")
+    add_architecture_option(p, "architecture of reference models")
     p.add_argument("--train-subset", type=int, default=None, help="use N random training images")
     p.add_argument("--test-subset", type=int, default=None, help="use N random test images")
     p.add_argument("--preview", type=int, default=8, help="poisoned examples shown in preview.png (default 8)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import add_runtime_options
+from ..cli import add_paths, add_runtime_options
 
 PREDICTIONS_HEADER = ["path", "pred", "class_name", "confidence"]
 
@@ -20,8 +20,7 @@ def register(sub) -> None:
                        description="Label every image of a folder (ImageFolder, flat folder, archive or one "
                                    "image) with a model.pt written by `unpoison train` or `unpoison repair`.")
     p.add_argument("--model", required=True, help="model.pt, or the output folder that holds it")
-    p.add_argument("--data", required=True, help="images to label")
-    p.add_argument("--out", required=True, help="CSV file to write")
+    add_paths(p, "images to label", out_help="CSV file to write")
     p.add_argument("--batch-size", type=int, default=512)
     add_runtime_options(p)
     p.set_defaults(func=cmd_predict)

@@ -17,8 +17,7 @@ import argparse
 import time
 from dataclasses import replace
 
-from ..cli import _key_values, add_runtime_options, add_session_options
-from .train import add_held_out_options
+from ..cli import _key_values, add_held_out_options, add_overrides_option, add_paths, add_session_options
 
 REPAIR_BASELINES = ("ft", "fp", "nad", "anp", "mcr")
 OUTPUTS = ("model.pt", "suspects.csv", "suspects.png", "scores.png", "report.html", "repair.json", "skipped.txt")
@@ -29,8 +28,7 @@ def register(sub) -> None:
                        description="Remove a backdoor from a model.pt with D-BR, using the untrusted "
                                    "ImageFolder it was trained on.")
     p.add_argument("--model", required=True, help="model.pt to repair, or the folder that holds it")
-    p.add_argument("--data", required=True, help="ImageFolder the model was trained on (directory or archive)")
-    p.add_argument("--out", required=True, help="output folder")
+    add_paths(p, "ImageFolder the model was trained on (directory or archive)")
     p.add_argument("--epochs", type=int, default=None, help="epochs of the unlearn/relearn loop")
     p.add_argument("--method", default="dbr", choices=["dbr", *REPAIR_BASELINES],
                    help="dbr (default: uses the untrusted data) or a baseline that uses --clean only")
@@ -39,10 +37,8 @@ def register(sub) -> None:
                         "(every class; e.g. 5 %% of the training set)")
     add_held_out_options(p)
     p.add_argument("--split", default="auto", help="subfolder to use (default: train/ when present)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="defense_set",
-                   help="override a D-BR setting, dotted for nested ones")
+    add_overrides_option(p, "defense_set", "override a D-BR setting, dotted for nested ones")
     add_session_options(p)
-    add_runtime_options(p)
     p.set_defaults(func=cmd_repair)
 
 
@@ -86,10 +82,10 @@ def cmd_repair(args: argparse.Namespace) -> int:
     from ..data.cache import hash_path
     from ..data.untrusted import check_paths, load_training_data, resize_policy
     from ..io import environment, write_json
-    from ..monitor import HeldOutMonitor, held_out_accuracy
+    from ..monitor import HeldOutMonitor
     from ..profiles import get_profile
     from ..report import write_report
-    from ..report.suspects import flag_summary, save_score_histogram, save_suspect_grid, summary_lines, write_suspects
+    from ..report.suspects import defense_suspects, summary_lines, write_suspect_files
     from ..runtime import Runtime
     from ..session import check_resume, prepare_out, user_context, write_skipped
     from .predict import load_user_model
@@ -125,21 +121,19 @@ def cmd_repair(args: argparse.Namespace) -> int:
     if unknown:
         say(f"[data] warning: {len(unknown)} images are in class folders the model does not know; "
             f"first: {unknown[0]}")
-    before = held_out_accuracy(model, data.held_out, runtime) if data.held_out is not None else None
+    monitor = HeldOutMonitor(data.held_out, runtime, out, args.seed)
+    before = monitor.accuracy(model)
     if before is not None:
         say(f"[held-out] before repair: accuracy {before:.4f}")
 
     ctx = user_context(out, runtime, args.profile, args.seed, architecture, not args.no_progress,
                        not args.no_share, data.train)
-    monitor = HeldOutMonitor(data.held_out, runtime, out, args.seed)
     monitor.attach(ctx)
     result = repair(model, data.train, ctx, config)
 
     repaired = artifacts.unwrap(result.model)
-    after = held_out_accuracy(repaired, data.held_out, runtime) if data.held_out is not None else None
-    scores = result.suspicion.detach().float().cpu() if result.suspicion is not None else None
-    flagged = result.flagged.bool().cpu() if result.flagged is not None else None
-    summary = flag_summary(data.train, flagged) if flagged is not None else None
+    after = monitor.accuracy(repaired)
+    scores, flagged, summary = defense_suspects(data.train, result.suspicion, result.flagged)
     record = {
         "command": "repair", "data": data.source, "defense": args.method, "clean": args.clean, "model": architecture,
         "repaired_model": str(args.model), "profile": args.profile, "profile_note": profile.note,
@@ -159,10 +153,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
                                        "held_out_acc_before", "held_out_acc", "resize_policy", "defense_config")}
     metadata["previous"] = info.get("metadata", {})
     artifacts.save_model(out / "model.pt", repaired, architecture, classes, size, metadata)
-    write_suspects(out / "suspects.csv", data.train, scores, flagged)
-    if scores is not None:
-        save_suspect_grid(out / "suspects.png", data.train, scores, flagged)
-        save_score_histogram(out / "scores.png", scores, flagged)
+    write_suspect_files(out, data.train, scores, flagged)
     write_json(out / "repair.json", record)
     write_report(out)
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..cli import _key_values, _position, add_runtime_options
+from ..cli import _key_values, _position, add_architecture_option, add_overrides_option, add_runtime_options
 
 
 def register(sub) -> None:
@@ -15,7 +15,7 @@ def register(sub) -> None:
     p.add_argument("--dataset", default="cifar10", help="cifar10 or gtsrb (default: cifar10)")
     p.add_argument("--attack", default="none", help="attack name (default: none)")
     p.add_argument("--defense", default="none", help="defence name (default: none)")
-    p.add_argument("--model", default="wrn16-1", help="architecture (default: wrn16-1)")
+    add_architecture_option(p)
     p.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder")
@@ -32,9 +32,8 @@ def register(sub) -> None:
     g.add_argument("--trigger-pos", default=None, help="ROW,COL of the patch's top-left pixel")
     g.add_argument("--alpha", type=float, default=None, help="blend ratio of blended triggers")
     g.add_argument("--attack-param", action="append", metavar="KEY=VALUE", help="any other attack parameter")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="defense_set",
-                   help="override a defence (or, with --detector, detector) setting, dotted for nested ones "
-                        "(e.g. train.optim.lr=0.05)")
+    add_overrides_option(p, "defense_set", "override a defence (or, with --detector, detector) setting, dotted for "
+                                           "nested ones (e.g. train.optim.lr=0.05)")
     p.add_argument("--detector", default=None,
                    help="a detection-only run: score the training set with this detector (e.g. fct) instead of "
                         "training with a defence; metrics.json gets `detection`")

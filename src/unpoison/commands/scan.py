@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..cli import _key_values, add_input_options, add_runtime_options, add_session_options
+from ..cli import (_key_values, add_input_options, add_overrides_option, add_session_options,
+                   add_untrusted_folder_options)
 
 OUTPUTS = ("suspects.csv", "suspects.png", "scan.json", "skipped.txt")
 
@@ -19,19 +20,16 @@ def register(sub) -> None:
     p = sub.add_parser("scan", help="rank the images of an untrusted ImageFolder by suspicion: OUT/suspects.csv",
                        description="Train what a detector needs on an untrusted ImageFolder (DIR/<class>/<image>, "
                                    "a directory or a .tar.gz) and rank every image by how likely it is poisoned.")
-    p.add_argument("--data", required=True, help="ImageFolder directory or archive (a train/ inside is used)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--detector", default="expand",
-                   help="expand (default: entropy seeds expanded by feature similarity), fct, entropy, loss or spectral")
-    p.add_argument("--model", default="wrn16-1", help="architecture the detector trains (default: wrn16-1)")
+    add_untrusted_folder_options(
+        p, "--detector", "expand",
+        "expand (default: entropy seeds expanded by feature similarity), fct, entropy, loss or spectral",
+        model_what="architecture the detector trains")
     p.add_argument("--flag-fraction", type=float, default=None,
                    help="flag this fraction of the images, most suspicious first (default: the detector's own rule)")
     p.add_argument("--top", type=int, default=64, help="images in suspects.png (default 64)")
     add_input_options(p, "read")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="detector_set",
-                   help="override a detector setting, dotted for nested ones")
+    add_overrides_option(p, "detector_set", "override a detector setting, dotted for nested ones")
     add_session_options(p)
-    add_runtime_options(p)
     p.set_defaults(func=cmd_scan)
 
 

@@ -12,7 +12,8 @@ import argparse
 import time
 from pathlib import Path
 
-from ..cli import _key_values, add_input_options, add_runtime_options, add_session_options
+from ..cli import (_key_values, add_held_out_options, add_input_options, add_overrides_option, add_session_options,
+                   add_untrusted_folder_options)
 
 OUTPUTS = ("model.pt", "suspects.csv", "suspects.png", "scores.png", "report.html", "train.json", "skipped.txt")
 
@@ -21,25 +22,15 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train a backdoor-resistant model on an untrusted ImageFolder",
                        description="Train a model that resists a backdoor hidden in an untrusted ImageFolder "
                                    "(DIR/<class>/<image>, a directory or a .tar.gz).")
-    p.add_argument("--data", required=True, help="ImageFolder directory or archive (a train/ inside is used)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--defense", default="quarantine",
-                   help="quarantine (default, recommended), dlp, cbd, dst, dbr, abl, none ...")
-    p.add_argument("--model", default="wrn16-1", help="architecture (default: wrn16-1)")
+    add_untrusted_folder_options(p, "--defense", "quarantine",
+                                 "quarantine (default, recommended), dlp, cbd, dst, dbr, abl, none ...")
     p.add_argument("--epochs", type=int, default=None, help="epochs of the defence's main training stage")
     add_held_out_options(p)
     add_input_options(p, "train on")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="defense_set",
-                   help="override a defence setting, dotted for nested ones (e.g. train.optim.lr=0.05)")
+    add_overrides_option(p, "defense_set",
+                         "override a defence setting, dotted for nested ones (e.g. train.optim.lr=0.05)")
     add_session_options(p)
-    add_runtime_options(p)
     p.set_defaults(func=cmd_train)
-
-
-def add_held_out_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--test", default=None, help="held-out ImageFolder with the same class names")
-    p.add_argument("--val-split", type=float, default=None,
-                   help="hold out this fraction of every class (default 0.1 when there is no test set; 0: none)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -49,10 +40,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..data.untrusted import check_paths, load_training_data, resize_policy
     from ..defenses import DEFENSES, build_defense
     from ..io import environment, write_json
-    from ..monitor import HeldOutMonitor, held_out_accuracy
+    from ..monitor import HeldOutMonitor
     from ..profiles import get_profile
     from ..report import write_report
-    from ..report.suspects import flag_summary, save_score_histogram, save_suspect_grid, write_suspects
+    from ..report.suspects import defense_suspects, write_suspect_files
     from ..runtime import Runtime
     from ..session import check_resume, prepare_out, user_context, write_skipped
 
@@ -81,10 +72,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = defense.fit(data.train, ctx)
 
     model = artifacts.unwrap(result.model)
-    held_out_acc = held_out_accuracy(model, data.held_out, runtime) if data.held_out is not None else None
-    scores = result.suspicion.detach().float().cpu() if result.suspicion is not None else None
-    flagged = result.flagged.bool().cpu() if result.flagged is not None else None
-    summary = flag_summary(data.train, flagged) if flagged is not None else None
+    held_out_acc = monitor.accuracy(model)
+    scores, flagged, summary = defense_suspects(data.train, result.suspicion, result.flagged)
     record = {
         "command": "train", "data": data.source, "defense": args.defense, "model": args.model,
         "profile": args.profile, "profile_note": profile.note, "seed": args.seed, "n_train": len(data.train),
@@ -103,10 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     metadata = {k: record[k] for k in ("command", "data", "defense", "profile", "seed", "n_train", "held_out",
                                     "held_out_acc", "resize_policy", "defense_config")}
     artifacts.save_model(out / "model.pt", model, args.model, data.train.classes, data.image_size, metadata)
-    write_suspects(out / "suspects.csv", data.train, scores, flagged)
-    if scores is not None:
-        save_suspect_grid(out / "suspects.png", data.train, scores, flagged)
-        save_score_histogram(out / "scores.png", scores, flagged)
+    write_suspect_files(out, data.train, scores, flagged)
     write_json(out / "train.json", record)
     write_report(out)
 

@@ -10,14 +10,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
 from ..data.batches import batch_indices, endless_indices
 from ..data.imageset import ImageSet
-from ..detect.loss import LossConfig, LossDetector, per_sample_loss
+from ..detect.loss import LossConfig, LossDetector, abl_optim, per_sample_loss
 from ..profiles import get_profile
 from ..train.engine import Engine, OptimConfig
 from ..train.supervised import DeviceData, TrainConfig, train_supervised
@@ -31,8 +31,7 @@ def finetune_recipe(profile: str) -> TrainConfig:
     clean-training recipe (so ABL costs one clean training plus the isolation epochs)."""
     if profile == "paper":
         return TrainConfig(epochs=60, batch_size=128, augment="weak+cutout",
-                           optim=OptimConfig(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
-                                             schedule="multistep", milestones=(40,), gamma=0.1))
+                           optim=abl_optim(0.1, "multistep", milestones=(40,), gamma=0.1))
     return get_profile(profile).baseline
 
 
@@ -40,8 +39,7 @@ def unlearn_recipe(profile: str) -> UnlearnConfig:
     """Official code: SGD Nesterov lr 5e-4 (constant), momentum 0.9, wd 1e-4, batch 128, no
     augmentation, 5 epochs (BatchNorm in train mode, as the code runs it)."""
     return UnlearnConfig.plain_ascent(epochs=5, batch_size=64 if profile == "smoke" else 128, augment="none",
-                                      optim=OptimConfig(lr=5e-4, momentum=0.9, nesterov=True, weight_decay=1e-4,
-                                                        schedule="constant"))
+                                      optim=abl_optim(5e-4, "constant"))
 
 
 @dataclass
@@ -52,17 +50,16 @@ class ABLConfig:
     unlearn: UnlearnConfig = field(default_factory=lambda: unlearn_recipe("paper"))
     # joint mode: T - T_te = 80 epochs over D_c, each step also ascending on a D_b batch
     joint_epochs: int = 80
-    joint_optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, schedule="multistep", milestones=(40,)))
+    joint_optim: OptimConfig = field(default_factory=lambda: abl_optim(0.1, "multistep", milestones=(40,)))
 
     @classmethod
     def for_profile(cls, profile: str) -> "ABLConfig":
         cfg = cls(isolation=LossConfig.for_profile(profile), finetune=finetune_recipe(profile),
                   unlearn=unlearn_recipe(profile))
-        if profile != "paper":   # the joint form scaled like the fine-tune: cosine over fewer epochs
-            cfg.joint_epochs = cfg.finetune.epochs
-            cfg.joint_optim = OptimConfig(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, schedule="cosine")
-        return cfg
+        if profile == "paper":
+            return cfg
+        # the joint form scaled like the fine-tune: cosine over fewer epochs
+        return replace(cfg, joint_epochs=cfg.finetune.epochs, joint_optim=abl_optim(0.1, "cosine"))
 
 
 class ABL(Defense):
@@ -71,10 +68,9 @@ class ABL(Defense):
     main_epochs = "finetune.epochs"
 
     def fit(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
-        cfg = self.config
+        cfg, timer = self.config, StageTimer(ctx)
         if cfg.mode not in ("sequential", "joint"):
             raise ValueError(f"ABL mode must be 'sequential' or 'joint', got {cfg.mode!r}")
-        timer = StageTimer(ctx)
         detector = LossDetector(cfg.isolation)
         model = timer.run("isolation", cfg.isolation.train.epochs, lambda: detector.train_model(data, ctx))
         losses = timer.run("isolate", 0, lambda: per_sample_loss(model, data, ctx.runtime))

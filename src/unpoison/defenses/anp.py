@@ -162,10 +162,8 @@ class ANP(PostTrainingRepair):
     Config = ANPConfig
     main_epochs = "iterations"
 
-    def repair(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext,
-               timer: StageTimer | None = None) -> DefenseResult:
+    def repair_stages(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext, timer: StageTimer) -> DefenseResult:
         cfg = self.config
-        timer = timer or StageTimer(ctx)
         masks = timer.run("mask", cfg.iterations, lambda: self._optimise_masks(model, clean, ctx))
         pruned, count = prune_neurons(model, masks, cfg.threshold)
         ctx.on_stage("prune", pruned)

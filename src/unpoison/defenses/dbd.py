@@ -36,7 +36,7 @@ from torch import nn
 from ..data import augment
 from ..data.batches import batch_indices
 from ..data.imageset import ImageSet
-from ..train.contrastive import ContrastiveNet, contrastive_loss, ss_ctl_positives
+from ..train.contrastive import ContrastiveNet, contrastive_loss, contrastive_optim, ss_ctl_positives
 from ..train.engine import Engine, OptimConfig
 from ..train.fixmatch import FixMatchConfig, train_fixmatch
 from ..train.supervised import DeviceData, extract_features, predict
@@ -56,8 +56,7 @@ class DBDConfig:
     # 1. SimCLR
     ssl_epochs: int = 1000
     ssl_batch_size: int = 512
-    ssl_optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        lr=0.4, momentum=0.9, nesterov=False, weight_decay=1e-4, schedule="cosine"))
+    ssl_optim: OptimConfig = field(default_factory=lambda: contrastive_optim(0.4))
     temperature: float = 0.5
     projection_dim: int = 128
     # 2. warm-up of the linear head with the symmetric cross-entropy
@@ -76,13 +75,11 @@ class DBDConfig:
         if profile == "paper":
             return cls()
         if profile == "quick":
-            return cls(ssl_epochs=6, ssl_batch_size=256, ssl_optim=OptimConfig(
-                lr=0.2, momentum=0.9, nesterov=False, weight_decay=1e-4, schedule="cosine", warmup_epochs=1,
-                warmup_start=0.02), semi=semi_recipe("quick"))
+            return cls(ssl_epochs=6, ssl_batch_size=256,
+                       ssl_optim=contrastive_optim(0.2, warmup_epochs=1, warmup_start=0.02), semi=semi_recipe("quick"))
         if profile == "smoke":
-            return cls(ssl_epochs=2, ssl_batch_size=64, ssl_optim=OptimConfig(
-                lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4, schedule="cosine"),
-                warmup_epochs=10, warmup_batch_size=32, warmup_lr=0.01, semi=semi_recipe("smoke"))
+            return cls(ssl_epochs=2, ssl_batch_size=64, ssl_optim=contrastive_optim(0.1), warmup_epochs=10,
+                       warmup_batch_size=32, warmup_lr=0.01, semi=semi_recipe("smoke"))
         raise ValueError(f"unknown profile {profile!r}")
 
 

@@ -122,10 +122,9 @@ class DLP(Defense):
     main_epochs = "assft.epochs"
 
     def fit(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
-        cfg = self.config
+        cfg, timer = self.config, StageTimer(ctx)
         if cfg.order not in ORDERS:
             raise ValueError(f"DLP order must be one of {', '.join(ORDERS)}, got {cfg.order!r}")
-        timer = StageTimer(ctx)
         detector = EntropyDetector(cfg.filter)
 
         model = timer.run("SL", cfg.filter.sl.epochs, lambda: detector.train_model(data, ctx, "SL"))

@@ -28,7 +28,7 @@ from ..data.batches import batch_indices
 from ..data.imageset import ImageSet
 from ..detect.fct import SampleSplit, SDConfig, sample_distinguishment
 from ..runtime import derive_seed
-from ..train.contrastive import ContrastiveNet, ss_ctl_loss
+from ..train.contrastive import ContrastiveNet, contrastive_optim, ss_ctl_loss
 from ..train.engine import Engine, OptimConfig
 from ..train.supervised import DeviceData
 from .base import Defense, DefenseContext, DefenseResult, StageTimer
@@ -48,9 +48,8 @@ class DSTConfig:
     ctl_epochs: int = 200
     ctl_batch_size: int = 512
     # lr 0.5, cosine to lr * 0.1^3 = 5e-4, 10 warm-up epochs from 0.01 (= 0.02 * lr), wd 1e-4
-    ctl_optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        lr=0.5, momentum=0.9, nesterov=False, weight_decay=1e-4, schedule="cosine", min_lr_fraction=1e-3,
-        warmup_epochs=10, warmup_start=0.02))
+    ctl_optim: OptimConfig = field(default_factory=lambda: contrastive_optim(
+        0.5, min_lr_fraction=1e-3, warmup_epochs=10, warmup_start=0.02))
     temperature: float = 0.1
     base_temperature: float = 0.07
     projection_dim: int = 128
@@ -71,13 +70,11 @@ class DSTConfig:
             # 6 SS-CTL epochs instead of 200 (each is two views of 50k images: ~2x a supervised
             # epoch), at batch 256 for twice the steps, lr scaled linearly with the batch and
             # one warm-up epoch; the classifier stage is the paper's
-            return cls(sd=sd, ctl_epochs=6, ctl_batch_size=256, ctl_optim=OptimConfig(
-                lr=0.25, momentum=0.9, nesterov=False, weight_decay=1e-4, schedule="cosine", min_lr_fraction=1e-3,
-                warmup_epochs=1, warmup_start=0.02))
+            return cls(sd=sd, ctl_epochs=6, ctl_batch_size=256, ctl_optim=contrastive_optim(
+                0.25, min_lr_fraction=1e-3, warmup_epochs=1, warmup_start=0.02))
         if profile == "smoke":
             return cls(sd=sd, ctl_epochs=3, ctl_batch_size=64, cls_epochs=3, cls_batch_size=64,
-                       ctl_optim=OptimConfig(lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
-                                             schedule="cosine", min_lr_fraction=1e-3),
+                       ctl_optim=contrastive_optim(0.1, min_lr_fraction=1e-3),
                        cls_optim=OptimConfig(lr=1.0, momentum=0.9, nesterov=False, weight_decay=0.0,
                                              schedule="constant"))
         raise ValueError(f"unknown profile {profile!r}")

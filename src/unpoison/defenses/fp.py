@@ -24,22 +24,20 @@ from torch import nn
 from ..data.imageset import ImageSet
 from ..train.supervised import TrainConfig, extract_features
 from .base import DefenseContext, DefenseResult, StageTimer
-from .ft import fine_tune, nad_schedule, smoke_schedule
+from .ft import fine_tune, fine_tune_recipe
 from .posttraining import PostTrainingRepair, clean_accuracy, trainable_copy
 
 
 @dataclass
 class FPConfig:
     max_acc_drop: float = 0.04    # the paper: prune until clean accuracy has fallen 4 points
-    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=10, batch_size=64, augment="weak", optim=nad_schedule(10)))
+    finetune: TrainConfig = field(default_factory=lambda: fine_tune_recipe("paper"))
     min_clean: int = 100
 
     @classmethod
     def for_profile(cls, profile: str) -> "FPConfig":
         if profile == "smoke":
-            return cls(finetune=TrainConfig(epochs=3, batch_size=32, augment="weak", optim=smoke_schedule()),
-                       min_clean=20)
+            return cls(finetune=fine_tune_recipe("smoke"), min_clean=20)
         return cls()
 
 
@@ -83,10 +81,8 @@ class FP(PostTrainingRepair):
     Config = FPConfig
     main_epochs = "finetune.epochs"
 
-    def repair(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext,
-               timer: StageTimer | None = None) -> DefenseResult:
+    def repair_stages(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext, timer: StageTimer) -> DefenseResult:
         cfg = self.config
-        timer = timer or StageTimer(ctx)
 
         def prune() -> nn.Module:
             features = extract_features(model, clean.images, ctx.runtime)

@@ -35,17 +35,24 @@ def smoke_schedule(lr: float = 0.02) -> OptimConfig:
     return OptimConfig(lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4, schedule="constant")
 
 
+def fine_tune_recipe(profile: str, smoke_lr: float = 0.02) -> TrainConfig:
+    """FT's recipe, NAD's fine-tune (10 epochs of batch 64, crop + flip, `nad_schedule`): also
+    FP's fine-tune, NAD's teacher and MCR's second endpoint. `smoke`: 3 epochs of batch 32 at
+    a constant `smoke_lr`."""
+    if profile == "smoke":
+        return TrainConfig(epochs=3, batch_size=32, augment="weak", optim=smoke_schedule(smoke_lr))
+    return TrainConfig(epochs=10, batch_size=64, augment="weak", optim=nad_schedule(10))
+
+
 @dataclass
 class FTConfig:
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=10, batch_size=64, augment="weak", optim=nad_schedule(10)))
+    train: TrainConfig = field(default_factory=lambda: fine_tune_recipe("paper"))
     min_clean: int = 100      # below this a fine-tune overfits a handful of images per class
 
     @classmethod
     def for_profile(cls, profile: str) -> "FTConfig":
         if profile == "smoke":
-            return cls(train=TrainConfig(epochs=3, batch_size=32, augment="weak", optim=smoke_schedule()),
-                       min_clean=20)
+            return cls(train=fine_tune_recipe("smoke"), min_clean=20)
         return cls()
 
 
@@ -62,11 +69,9 @@ class FT(PostTrainingRepair):
     Config = FTConfig
     main_epochs = "train.epochs"
 
-    def repair(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext,
-               timer: StageTimer | None = None) -> DefenseResult:
-        timer = timer or StageTimer(ctx)
-        tuned = timer.run("finetune", self.config.train.epochs,
-                          lambda: fine_tune(model, clean, self.config.train, ctx, "finetune"))
+    def repair_stages(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext, timer: StageTimer) -> DefenseResult:
+        cfg = self.config
+        tuned = timer.run("finetune", cfg.train.epochs, lambda: fine_tune(model, clean, cfg.train, ctx, "finetune"))
         return DefenseResult(tuned, stages=timer.records,
-                             notes=[f"fine-tuned {self.config.train.epochs} epochs; last epoch returned; "
+                             notes=[f"fine-tuned {cfg.train.epochs} epochs; last epoch returned; "
                                     f"clean-reference accuracy {clean_accuracy(tuned, clean, ctx):.4f}"])

@@ -35,14 +35,13 @@ from ..data.imageset import ImageSet
 from ..train.engine import Engine, OptimConfig
 from ..train.supervised import DeviceData, TrainConfig
 from .base import DefenseContext, DefenseResult, StageTimer
-from .ft import fine_tune, nad_schedule, smoke_schedule
+from .ft import fine_tune, fine_tune_recipe
 from .posttraining import PostTrainingRepair, clean_accuracy
 
 
 @dataclass
 class MCRConfig:
-    endpoint: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=10, batch_size=64, augment="weak", optim=nad_schedule(10)))
+    endpoint: TrainConfig = field(default_factory=lambda: fine_tune_recipe("paper"))
     epochs: int = 100
     batch_size: int = 128
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
@@ -56,8 +55,7 @@ class MCRConfig:
         if profile == "quick":
             return cls(epochs=30)
         if profile == "smoke":
-            return cls(endpoint=TrainConfig(epochs=3, batch_size=32, augment="weak", optim=smoke_schedule(0.05)),
-                       epochs=8, batch_size=32, t=0.7, min_clean=20)
+            return cls(endpoint=fine_tune_recipe("smoke", 0.05), epochs=8, batch_size=32, t=0.7, min_clean=20)
         return cls()
 
 
@@ -127,12 +125,10 @@ class MCR(PostTrainingRepair):
     name = "mcr"
     Config = MCRConfig
 
-    def repair(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext,
-               timer: StageTimer | None = None) -> DefenseResult:
+    def repair_stages(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext, timer: StageTimer) -> DefenseResult:
         cfg = self.config
         if not 0 <= cfg.t <= 1:
             raise ValueError(f"MCR t must lie in [0, 1], got {cfg.t}")
-        timer = timer or StageTimer(ctx)
         end = timer.run("endpoint", cfg.endpoint.epochs,
                         lambda: fine_tune(model, clean, cfg.endpoint, ctx, "mcr-endpoint"))
         curve = timer.run("curve", cfg.epochs, lambda: self._fit_curve(model, end, clean, ctx), model_of=lambda c: None)

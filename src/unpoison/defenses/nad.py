@@ -29,14 +29,13 @@ from ..data.imageset import ImageSet
 from ..train.engine import Engine, OptimConfig
 from ..train.supervised import DeviceData, TrainConfig
 from .base import DefenseContext, DefenseResult, StageTimer
-from .ft import fine_tune, nad_schedule, smoke_schedule
+from .ft import fine_tune, fine_tune_recipe, nad_schedule, smoke_schedule
 from .posttraining import PostTrainingRepair, trainable_copy
 
 
 @dataclass
 class NADConfig:
-    teacher: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=10, batch_size=64, augment="weak", optim=nad_schedule(10)))
+    teacher: TrainConfig = field(default_factory=lambda: fine_tune_recipe("paper"))
     epochs: int = 20
     batch_size: int = 64
     optim: OptimConfig = field(default_factory=lambda: nad_schedule(20))
@@ -48,9 +47,8 @@ class NADConfig:
     @classmethod
     def for_profile(cls, profile: str) -> "NADConfig":
         if profile == "smoke":
-            return cls(teacher=TrainConfig(epochs=3, batch_size=32, augment="weak", optim=smoke_schedule(0.01)),
-                       epochs=3, batch_size=32, optim=smoke_schedule(0.01), betas=(0.0, 0.0, 500.0),
-                       min_clean=20)
+            return cls(teacher=fine_tune_recipe("smoke", 0.01), epochs=3, batch_size=32, optim=smoke_schedule(0.01),
+                       betas=(0.0, 0.0, 500.0), min_clean=20)
         return cls()
 
 
@@ -111,34 +109,34 @@ def distillation_epoch(student_hooks: GroupOutputs, teacher: nn.Module, teacher_
     return epoch_fn
 
 
+def distill(student: nn.Module, teacher: nn.Module, clean: ImageSet, ctx: DefenseContext, cfg: NADConfig) -> nn.Module:
+    """Step 2: the student trained on the clean reference with CE plus attention distillation
+    from the frozen teacher; its last epoch."""
+    teacher = teacher.eval().requires_grad_(False)
+    student_hooks, teacher_hooks = GroupOutputs(student), GroupOutputs(teacher)
+    engine = Engine(student, cfg.optim, ctx.runtime, name="nad-student", epochs=cfg.epochs,
+                    steps_per_epoch=-(-len(clean) // cfg.batch_size), seed=ctx.seed,
+                    checkpoint_dir=ctx.checkpoints(), log_path=ctx.log_path,
+                    on_epoch_end=ctx.epoch_hook("distill"), progress=ctx.progress)
+    try:
+        epoch_fn = distillation_epoch(student_hooks, teacher, teacher_hooks, DeviceData(clean, ctx.runtime), cfg)
+        return engine.fit(epoch_fn).eval()
+    finally:
+        student_hooks.remove()
+        teacher_hooks.remove()
+
+
 class NAD(PostTrainingRepair):
     name = "nad"
     Config = NADConfig
 
-    def repair(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext,
-               timer: StageTimer | None = None) -> DefenseResult:
+    def repair_stages(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext, timer: StageTimer) -> DefenseResult:
         cfg = self.config
         if len(cfg.betas) != 3:
             raise ValueError(f"NAD betas: one per residual group (3), got {len(cfg.betas)}")
-        timer = timer or StageTimer(ctx)
         teacher = timer.run("teacher", cfg.teacher.epochs,
                             lambda: fine_tune(model, clean, cfg.teacher, ctx, "nad-teacher"))
-        student = timer.run("distill", cfg.epochs, lambda: self._distill(trainable_copy(model), teacher, clean, ctx))
+        student = timer.run("distill", cfg.epochs, lambda: distill(trainable_copy(model), teacher, clean, ctx, cfg))
         return DefenseResult(student, stages=timer.records, notes=[
             f"teacher fine-tuned {cfg.teacher.epochs} epochs; student distilled {cfg.epochs} epochs with "
             f"betas {list(cfg.betas)}; last epoch returned"])
-
-    def _distill(self, student: nn.Module, teacher: nn.Module, clean: ImageSet, ctx: DefenseContext) -> nn.Module:
-        cfg = self.config
-        teacher = teacher.eval().requires_grad_(False)
-        student_hooks, teacher_hooks = GroupOutputs(student), GroupOutputs(teacher)
-        engine = Engine(student, cfg.optim, ctx.runtime, name="nad-student", epochs=cfg.epochs,
-                        steps_per_epoch=-(-len(clean) // cfg.batch_size), seed=ctx.seed,
-                        checkpoint_dir=ctx.checkpoints(), log_path=ctx.log_path,
-                        on_epoch_end=ctx.epoch_hook("distill"), progress=ctx.progress)
-        try:
-            epoch_fn = distillation_epoch(student_hooks, teacher, teacher_hooks, DeviceData(clean, ctx.runtime), cfg)
-            return engine.fit(epoch_fn).eval()
-        finally:
-            student_hooks.remove()
-            teacher_hooks.remove()

@@ -63,7 +63,7 @@ class PostTrainingRepair(Defense):
     """Base of the repair baselines: backdoored model + clean reference -> repaired model.
 
     A subclass sets `name`, `Config` (with a `min_clean` field) and implements
-    `repair(model, clean, ctx, timer)`."""
+    `repair_stages(model, clean, ctx, timer)`."""
 
     main_epochs = "epochs"
     needs_clean_reference = True
@@ -80,7 +80,13 @@ class PostTrainingRepair(Defense):
         return result
 
     def repair(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext,
-               timer: StageTimer | None = None) -> DefenseResult:  # pragma: no cover
+               timer: StageTimer | None = None) -> DefenseResult:
+        """Repair `model` with the clean reference; the stages are timed on `timer`, or on a
+        timer of their own when the caller keeps none (`unpoison repair`)."""
+        return self.repair_stages(model, clean, ctx, timer or StageTimer(ctx))
+
+    def repair_stages(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext,
+                      timer: StageTimer) -> DefenseResult:  # pragma: no cover
         raise NotImplementedError
 
 

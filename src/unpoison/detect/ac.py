@@ -33,7 +33,7 @@ from ..context import DefenseContext, StageTimer, train_standard
 from ..profiles import get_profile
 from ..runtime import derive_seed
 from ..train.supervised import TrainConfig, extract_features
-from .base import Detection, Detector
+from .base import Detection, Detector, class_members
 
 
 @dataclass
@@ -98,10 +98,7 @@ def activation_clustering(features: torch.Tensor, labels: torch.Tensor, num_clas
     flagged = torch.zeros(len(labels), dtype=torch.bool)
     summary = []
     feats = features.double().numpy()
-    for c in range(num_classes):
-        index = (labels == c).nonzero().flatten()
-        if len(index) == 0:
-            continue
+    for c, index in class_members(labels, num_classes):
         clusters = cluster_class(feats[index.numpy()], cfg.components, derive_seed(seed, "ac", c) % 2**31,
                                  cfg.silhouette_sample, cfg.reduction)
         in_small = torch.from_numpy(clusters.assignment == clusters.small)

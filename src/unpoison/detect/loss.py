@@ -32,11 +32,17 @@ from .base import Detection, Detector
 LOSSES = ("lga", "lga_batch", "flooding")
 
 
+def abl_optim(lr: float, schedule: str, **changes) -> OptimConfig:
+    """The optimiser of every stage of ABL's official code: SGD with Nesterov momentum 0.9 and
+    wd 1e-4; the stages differ in lr and schedule."""
+    return OptimConfig(lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4, schedule=schedule, **changes)
+
+
 def isolation_recipe(profile: str) -> TrainConfig:
     """ABL's isolation training: SGD Nesterov lr 0.1, momentum 0.9, wd 1e-4, batch 128, no
     augmentation (official code). T_te = 20 epochs (paper; the code uses 10).
     quick: 5 epochs - the backdoor is fitted within one or two, which is what isolation needs."""
-    optim = OptimConfig(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, schedule="constant")
+    optim = abl_optim(0.1, "constant")
     epochs = {"paper": 20, "quick": 5, "smoke": 2}[profile]
     return TrainConfig(epochs=epochs, batch_size=64 if profile == "smoke" else 128, augment="none", optim=optim)
 

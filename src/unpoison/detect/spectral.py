@@ -32,7 +32,7 @@ from ..data.imageset import ImageSet
 from ..context import DefenseContext, StageTimer, train_standard
 from ..profiles import get_profile
 from ..train.supervised import TrainConfig, extract_features
-from .base import Detection, Detector
+from .base import Detection, Detector, class_members, flag_top_of_each_class
 
 
 @dataclass
@@ -58,10 +58,7 @@ def spectral_scores(features: torch.Tensor, labels: torch.Tensor, num_classes: i
     the class mean of those projections (0 for classes too small to have a direction)."""
     scores = torch.zeros(len(labels), dtype=torch.float64)
     feats = features.double()
-    for c in range(num_classes):
-        index = (labels == c).nonzero().flatten()
-        if len(index) < min_class_size:
-            continue
+    for _, index in class_members(labels, num_classes, min_class_size):
         centred = feats[index] - feats[index].mean(dim=0, keepdim=True)
         # top right singular vector of the centred matrix (a d x d problem, d = 64 for WRN-16-1)
         _, _, vh = torch.linalg.svd(centred, full_matrices=False)
@@ -73,14 +70,7 @@ def spectral_scores(features: torch.Tensor, labels: torch.Tensor, num_classes: i
 def spectral_flags(scores: torch.Tensor, labels: torch.Tensor, num_classes: int, upper_bound: float,
                    removal_factor: float = 1.5, min_class_size: int = 2) -> torch.Tensor:
     """The paper's cut: the removal_factor * upper_bound highest scores of every class."""
-    flagged = torch.zeros(len(labels), dtype=torch.bool)
-    for c in range(num_classes):
-        index = (labels == c).nonzero().flatten()
-        if len(index) < min_class_size:
-            continue
-        k = int(removal_factor * upper_bound * len(index))
-        flagged[index[scores[index].argsort(descending=True)[:k]]] = True
-    return flagged
+    return flag_top_of_each_class(scores, labels, num_classes, removal_factor * upper_bound, min_class_size)
 
 
 class SpectralSignature(Detector):

@@ -107,5 +107,23 @@ def save_score_histogram(path: Path, scores: torch.Tensor, flagged: torch.Tensor
     atomic_write_bytes(path, figures.flagged_histogram_figure(scores.double().numpy(), mask))
 
 
+def defense_suspects(data: ImageSet, suspicion: torch.Tensor | None, flagged: torch.Tensor | None
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any] | None]:
+    """A defence's suspicion scores and flags (on the CPU) and the flag summary; each None where
+    the defence ranks or flags nothing, so `train` and `repair` report whichever it gives."""
+    scores = suspicion.detach().float().cpu() if suspicion is not None else None
+    flagged = flagged.bool().cpu() if flagged is not None else None
+    summary = flag_summary(data, flagged) if flagged is not None else None
+    return scores, flagged, summary
+
+
+def write_suspect_files(out: Path, data: ImageSet, scores: torch.Tensor | None, flagged: torch.Tensor | None) -> None:
+    """OUT/suspects.csv, and where the scores rank the images, OUT/suspects.png and OUT/scores.png."""
+    write_suspects(out / "suspects.csv", data, scores, flagged)
+    if scores is not None:
+        save_suspect_grid(out / "suspects.png", data, scores, flagged)
+        save_score_histogram(out / "scores.png", scores, flagged)
+
+
 def _short(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"

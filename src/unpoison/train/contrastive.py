@@ -15,6 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .engine import OptimConfig
+
+
+def contrastive_optim(lr: float, **changes) -> OptimConfig:
+    """SimCLR's and SupCon's optimiser (DBD's and D-ST's encoder stage): SGD with momentum
+    0.9 and no Nesterov, wd 1e-4, cosine decay; the stages differ in lr and warm-up."""
+    return OptimConfig(lr=lr, momentum=0.9, nesterov=False, weight_decay=1e-4, schedule="cosine", **changes)
+
 
 class ProjectionHead(nn.Module):
     """SupCon's MLP head: Linear(d, d) -> ReLU -> Linear(d, out), L2-normalised output."""
