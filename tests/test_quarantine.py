@@ -137,6 +137,29 @@ def test_judge_unlearns_kept_images_the_probe_sees_alike_the_known_poison_and_no
         assert unlearn.nonzero().flatten().tolist() == list(range(30))
 
 
+def test_judge_gives_back_the_target_labels_easy_clean_images_and_keeps_agreed_poison_out():
+    # label 0's quarantine: 40 poison the model contradicts surely, 10 poison it agrees with
+    # (trigger learned), 30 easy clean images it agrees with; in the probe's features the poison
+    # shares one direction, the clean images scatter
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 200 + [1] * 200)
+    quarantined = torch.zeros(400, dtype=torch.bool)
+    quarantined[:80] = True
+    given = torch.rand(400, generator=g) * 0.8 + 0.1
+    given[:40] = 0.001 * torch.rand(40, generator=g)
+    given[40:80] = 0.95
+    predicted = torch.where(given > 0.5, labels, 1 - labels)
+    features = torch.randn(400, 16, generator=g)
+    features[:50] = torch.randn(50, 16, generator=g) * 0.2 + torch.eye(16)[0] * 3
+    cfg = QuarantineConfig(group_min_excess=0.02)
+    train, unlearn, groups = judge(_verdict(predicted, given), labels, quarantined, 2, cfg, features=features)
+    assert groups[0]["unlearned"] and groups[0]["released_unlike"] == 30
+    assert unlearn[:40].all() and not train[:50].any() and train[50:80].all()
+    _, _, groups = judge(_verdict(predicted, given), labels, quarantined, 2, replace(cfg, release_unlike=None),
+                         features=features)
+    assert "released_unlike" not in groups[0]
+
+
 @pytest.mark.slow
 def test_training_with_unlearning_holds_off_the_toy_backdoor_that_plain_training_learns(tmp_path):
     # Stage 2 alone, given a quarantine like the probe's on CIFAR-10 (80 % of the poison and a

@@ -23,8 +23,7 @@ Why this shape (measurements in benchmarks/RESULTS.md, "The default defence"):
 
 Stages:
   1. probe       seed expansion on the whole set; the top `quarantine_fraction` are set aside.
-  2. train       the profile's recipe on the kept images. After `verify_at` of the epochs
-                 (with `early_looks`, after the first epoch at which a group stands out),
+  2. train       the profile's recipe on the kept images. After `verify_at` of the epochs,
                  the EMA model labels every image (the verdict, kept in the checkpoint), and
                  `judge` decides: a label group stands out when its quarantined images are
                  doubted (given less probability for their label than `doubt_quantile` of
@@ -78,13 +77,13 @@ MIN_REPAIR = 20      # a late set smaller than this is noise, not a backdoor wor
 @dataclass
 class QuarantineConfig:
     probe: ExpandConfig = field(default_factory=lambda: ExpandConfig.for_profile("quick"))
-    quarantine_fraction: float = 0.10    # share of the set the probe sets aside
+    # share of the set the probe sets aside. 0.2, not 0.1: QuickNet learned a blend from the 378
+    # poisoned images the probe ranked below its top 10 % within one epoch, before any verdict;
+    # below its top 20 % were 34, and it did not (benchmarks/RESULTS.md, quarantine v5). The agreed
+    # images of the labels that do not stand out go back into training at the verdict.
+    quarantine_fraction: float = 0.2
     train: TrainConfig = field(default_factory=lambda: get_profile("quick").baseline)
     verify_at: float = 0.4               # share of the training epochs before the verdict
-    # look every epoch from the first on, and take the verdict at the first look where a label
-    # group stands out (at the latest at `verify_at`): a network that learns a trigger from the
-    # poison the probe missed within an epoch or two leaves nothing to contradict by `verify_at`
-    early_looks: bool = False
     # a second look: the kept images of a standing-out label that the model still
     # contradicts, past the first look's cut, are unlearned too (None: no second look)
     second_look_at: float | None = 0.7
@@ -117,6 +116,11 @@ class QuarantineConfig:
     # after the verdict, quarantined images of labels that did not stand out, which the
     # verdict agrees with, go back to training
     release: bool = True
+    # ... and so do the agreed quarantined images of a label that stood out, when they lie
+    # farther from its known poison, in the probe's features, than this quantile of the known
+    # poison's own closeness (needs alike_quantile; None: they stay out). The share of agreed
+    # poison (its trigger learned) that leaks back is about this quantile, so it is small
+    release_unlike: float | None = 0.01
     # off by default: on CIFAR-10 the repair it triggers cost CA on every set and helped only
     # WaNet (benchmarks/RESULTS.md, "The default defence")
     recheck: bool = False
@@ -140,6 +144,8 @@ class QuarantineConfig:
             raise ValueError(f"quarantine alike_quantile must lie in [0, 1], got {self.alike_quantile}")
         if self.second_look_at is not None and not 0 <= self.second_look_at <= 1:
             raise ValueError(f"quarantine second_look_at must lie in [0, 1], got {self.second_look_at}")
+        if self.release_unlike is not None and not 0 <= self.release_unlike <= 1:
+            raise ValueError(f"quarantine release_unlike must lie in [0, 1], got {self.release_unlike}")
         for name in ("quarantine_fraction", "verify_at", "doubt_quantile", "recheck_seed_fraction", "recheck_fraction",
                      "repair_min_fraction", "trusted_fraction"):
             value = getattr(self, name)
@@ -201,11 +207,8 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
         return loss
 
     def epoch_fn(engine: Engine, epoch: int, g: torch.Generator) -> dict:
-        if not verdict.ready and (epoch >= cfg.verify_epoch or (cfg.early_looks and epoch >= 1)):
+        if epoch >= cfg.verify_epoch and not verdict.ready:
             verdict.take(engine.eval_model, data, ctx.runtime)
-            if epoch < cfg.verify_epoch and not any(group["unlearned"] for group in judged()["groups"]):
-                verdict.clear()   # nothing stands out yet: train on, look again after the next epoch
-                plan.clear()
         look = cfg.second_look_epoch
         if (look is not None and epoch >= look and not second.ready
                 and any("cut" in group for group in judged()["groups"])):
@@ -338,15 +341,18 @@ class Quarantine(Defense):
                               f"{g['kept_rate']:.0%} of the kept images)" for g in held)
             missed = sum(g.get("kept_alike", 0) + g.get("kept_unlearned", 0) + g.get("kept_unlearned_later", 0)
                          for g in held)
-            doubt = ("contradicted the labels of" if self.config.group_signal == "contradicted" else
-                     "gave less probability to the labels of")
-            notes.append(f"the model in training {doubt} the set-aside images of {shown}: "
-                         f"those {int((unlearned & quarantined).sum())} images, and {missed} kept images of the same "
-                         f"label that looked like them to the probe or that it contradicted as surely, were "
-                         f"unlearned (a label the images do not support is what a planted trigger teaches)")
+            if self.config.group_signal == "contradicted":
+                why = f"the model in training contradicted the labels of the set-aside images of {shown}"
+            else:
+                why = (f"the model in training gave the set-aside images of {shown} less probability for their "
+                       f"label than it gave {1 - self.config.doubt_quantile:.0%} of that label's kept images")
+            notes.append(f"{why}: those {int((unlearned & quarantined).sum())} contradicted images, and {missed} kept "
+                         f"images of the same label that looked like them to the probe or that it contradicted as "
+                         f"surely, were unlearned (a label the images do not support is what a planted trigger "
+                         f"teaches)")
         else:
-            notes.append("no label among the set-aside images stood out: the model in training contradicted them "
-                         "no more often than the kept images of their class, so nothing was unlearned")
+            notes.append("no label among the set-aside images stood out: the model in training doubted their labels "
+                         "no more often than those of the kept images of their class, so nothing was unlearned")
         released = int((quarantined & plan["train"]).sum())
         if released:
             notes.append(f"{released} set-aside images whose labels the model in training agreed with went back "

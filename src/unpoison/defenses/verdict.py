@@ -43,9 +43,6 @@ class Verdict:
     def state_dict(self) -> dict:
         return {"predicted": self.predicted, "given_prob": self.given_prob}
 
-    def clear(self) -> None:
-        self.predicted = self.given_prob = None
-
     def load_state_dict(self, state: dict) -> None:
         self.predicted, self.given_prob = state["predicted"], state["given_prob"]
 
@@ -59,7 +56,8 @@ def contradicted_groups(contradicted: torch.Tensor, quarantined: torch.Tensor, l
     learned) or a clean image that is hard or mislabelled. The kept images of the same label
     say how often the second happens; a label group whose quarantined images carry the
     `signal` (default: contradicted; see `doubted`) more often than its kept images do, by `z`
-    standard errors, holds poison, and its contradicted images are unlearned. The quarantine is
+    standard errors, holds poison, and its images that are contradicted and carry the signal
+    are unlearned (the known poison of the group). The quarantine is
     not a random draw of its labels (the probe picks images that look alike, often easy ones),
     so a clean group can pass the z-test; it must also hold at least `min_excess` (a share of
     the whole set) more such images than the kept rate explains: the estimated number of
@@ -77,8 +75,8 @@ def contradicted_groups(contradicted: torch.Tensor, quarantined: torch.Tensor, l
         spread = (max(base * (1 - base), 1e-4) / int(group.sum())) ** 0.5
         excess = (rate - base) * int(group.sum())
         chosen = z is None or (rate > base + z * spread and excess >= min_excess * len(labels))
-        if chosen:
-            unlearn |= group & contradicted
+        if chosen:   # with the doubted signal, only the surely contradicted: a clean image the
+            unlearn |= group & contradicted & signal   # model half-believes would widen the alike bar
         error = float(contradicted[kept].float().mean()) if kept.any() else 0.0
         table.append({"label": c, "quarantined": int(group.sum()), "rate": round(rate, 4), "kept_rate": round(base, 4),
                       "contradicted_rate": round(float(contradicted[group].float().mean()), 4),
@@ -129,7 +127,11 @@ def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num
     its known poison as the least close `alike_quantile` of the known poison itself are
     unlearned too, contradicted or not: the probe learned the trigger, so in its features the
     poison it ranked below the cut still sits with the poison it caught, not with the clean
-    images of the label."""
+    images of the label. By the same features, with `release_unlike`, the quarantined images of
+    a standing-out label that the early model agrees with and that lie farther from its known
+    poison than all but `release_unlike` of the known poison go back into training: the easy clean images of the target class the
+    probe set aside with the poison (an agreed poisoned image, its trigger learned, still sits
+    with the poison and stays out)."""
     contradicted = verdict.predicted != labels
     signal = None
     if cfg.group_signal == "doubted":
@@ -137,6 +139,7 @@ def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num
     unlearn, groups = contradicted_groups(contradicted, quarantined, labels, num_classes, cfg.group_z,
                                           cfg.group_min_excess, signal)
     held_labels = torch.zeros(num_classes, dtype=torch.bool)
+    unlike = torch.zeros_like(quarantined)   # agreed quarantined images of a held label, far from its poison
     for group in groups:
         if not group["unlearned"]:
             continue
@@ -149,6 +152,11 @@ def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num
             alike = ~quarantined & (labels == c) & (closeness >= bar)
             unlearn |= alike
             group["kept_alike"] = int(alike.sum())
+            if cfg.release_unlike is not None:
+                far_bar = torch.quantile(closeness[known], cfg.release_unlike)
+                far = quarantined & (labels == c) & ~contradicted & (closeness < far_bar)
+                unlike |= far
+                group["released_unlike"] = int(far.sum())
         if cfg.kept_quantile is None or not known.any():
             continue
         cut = torch.quantile(verdict.given_prob[known].float(), cfg.kept_quantile)
@@ -156,6 +164,7 @@ def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num
         unlearn |= caught
         group["cut"], group["kept_unlearned"] = round(float(cut), 4), int(caught.sum())
     released = quarantined & ~held_labels[labels] & ~contradicted if cfg.release else torch.zeros_like(quarantined)
+    released |= unlike
     train = ~unlearn & (~quarantined | released)
     if second is not None and second.ready:
         for group in groups:
