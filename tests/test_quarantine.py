@@ -155,6 +155,9 @@ def test_judge_gives_back_the_target_labels_easy_clean_images_and_keeps_agreed_p
     train, unlearn, groups = judge(_verdict(predicted, given), labels, quarantined, 2, cfg, features=features)
     assert groups[0]["unlearned"] and groups[0]["released_unlike"] == 30
     assert unlearn[:40].all() and not train[:50].any() and train[50:80].all()
+    # the agreed poison is not doubted, so not known poison; it lies with the known poison in
+    # the probe's features and is unlearned as alike; the easy clean images are not
+    assert unlearn[40:50].all() and groups[0]["set_aside_alike"] == 10 and not unlearn[50:].any()
     _, _, groups = judge(_verdict(predicted, given), labels, quarantined, 2, replace(cfg, release_unlike=None),
                          features=features)
     assert "released_unlike" not in groups[0]

@@ -28,14 +28,16 @@ Stages:
                  `judge` decides: a label group stands out when its quarantined images are
                  doubted (given less probability for their label than `doubt_quantile` of
                  the label's kept images get) well above that share (a z-test, and at least
-                 `group_min_excess` of the set in excess); its contradicted quarantined
-                 images, its kept images as close to them in the probe's features as they
-                 are to each other (`alike_quantile`), and its kept images contradicted as
-                 surely (`kept_quantile` of the known poison's probability), are unlearned from
+                 `group_min_excess` of the set in excess); its known poison (quarantined,
+                 contradicted and doubted), the images of the label, kept or quarantined, as
+                 close to them in the probe's features as they are to each other
+                 (`alike_quantile`), and its kept images contradicted as surely
+                 (`kept_quantile` of the known poison's probability), are unlearned from
                  then on, each batch carrying a share of them with a margin loss that pushes
                  their given label a logit below the best other class, and a cross-entropy
                  towards that class (`unlearn_loss`). The agreed quarantined images of other
-                 labels rejoin training (`release`). At `second_look_at`, kept images of a standing-out
+                 labels rejoin training (`release`), and those of the standing-out label far
+                 from its known poison (`release_unlike`). At `second_look_at`, kept images of a standing-out
                  label still contradicted past the first cut are unlearned too.
   3. recheck     (optional) late = fitted by the final model, contradicted by the verdict,
                  and among the `recheck_fraction` closest (final features) to the most
@@ -109,9 +111,10 @@ class QuarantineConfig:
     # at least as confidently as this quantile of the group's contradicted quarantined images
     # (known poison) are unlearned too: poison the probe missed (None: kept images never are)
     kept_quantile: float | None = 0.5
-    # ... and kept images of that label as close to the group's known poison, in the probe's
-    # features, as this quantile of the known poison's own closeness (leave-one-out): poison the
-    # probe ranked just below its cut, contradicted or not (None: off)
+    # ... and images of that label, kept or set aside, as close to the group's known poison, in
+    # the probe's features, as this quantile of the known poison's own closeness (leave-one-out):
+    # poison the probe ranked just below its cut, and set-aside poison the verdict does not doubt,
+    # contradicted or not (None: off)
     alike_quantile: float | None = 0.05
     # after the verdict, quarantined images of labels that did not stand out, which the
     # verdict agrees with, go back to training

@@ -123,11 +123,12 @@ def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num
     still trained on, contradicted at the first look and now past the same cut, are unlearned
     as well: missed poison the unlearning kept from being learned, while the clean images of
     the label have been learned by then.
-    With the probe's `features`, the kept images of a standing-out label that lie as close to
-    its known poison as the least close `alike_quantile` of the known poison itself are
-    unlearned too, contradicted or not: the probe learned the trigger, so in its features the
-    poison it ranked below the cut still sits with the poison it caught, not with the clean
-    images of the label. By the same features, with `release_unlike`, the quarantined images of
+    With the probe's `features`, the images of a standing-out label, kept or set aside, that
+    lie as close to its known poison as the least close `alike_quantile` of the known poison
+    itself are unlearned too, contradicted or not: the probe learned the trigger, so in its
+    features the poison it ranked below the cut, and the set-aside poison the verdict model
+    half-believes (contradicted but not doubted, or agreed with), still sit with the poison it
+    caught, not with the clean images of the label. By the same features, with `release_unlike`, the quarantined images of
     a standing-out label that the early model agrees with and that lie farther from its known
     poison than all but `release_unlike` of the known poison go back into training: the easy clean images of the target class the
     probe set aside with the poison (an agreed poisoned image, its trigger learned, still sits
@@ -149,9 +150,9 @@ def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num
         if features is not None and cfg.alike_quantile is not None and int(known.sum()) >= 2:
             closeness = seed_similarity(features, known.nonzero().flatten(), cfg.probe.neighbours)
             bar = torch.quantile(closeness[known], cfg.alike_quantile)
-            alike = ~quarantined & (labels == c) & (closeness >= bar)
+            alike = (labels == c) & (closeness >= bar) & ~unlearn
             unlearn |= alike
-            group["kept_alike"] = int(alike.sum())
+            group["kept_alike"], group["set_aside_alike"] = int((alike & ~quarantined).sum()), int((alike & quarantined).sum())
             if cfg.release_unlike is not None:
                 far_bar = torch.quantile(closeness[known], cfg.release_unlike)
                 far = quarantined & (labels == c) & ~contradicted & (closeness < far_bar)
