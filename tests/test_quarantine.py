@@ -12,7 +12,7 @@ from toy_backdoor import TOY_SEEDS, tiny_backdoor, train_toy_backdoored
 from unpoison.defenses import build_defense
 from unpoison.defenses.base import DefenseContext
 from unpoison.defenses.quarantine import QuarantineConfig, Quarantine, train_with_unlearning
-from unpoison.defenses.verdict import Verdict, contradicted_groups, judge
+from unpoison.defenses.verdict import LateLook, Verdict, contradicted_groups, judge
 from unpoison.data.imageset import ImageSet
 from unpoison.metrics import backdoor_metrics
 from unpoison.runtime import Runtime
@@ -268,3 +268,64 @@ def test_recheck_and_repair_never_leave_a_worse_model_on_the_toy(tmp_path):
     late[(~poisoned.is_poison).nonzero().flatten()[:30]] = True
     repaired, undone = defense.repair(result.model, data, ~late, late, torch.zeros(len(data)), _ctx(tmp_path / "r"))
     assert (repaired is result.model) == undone
+
+
+class _TableModel(torch.nn.Module):
+    """A stand-in network: image i (its index written in its first two pixels) has the given
+    features, and logits = features @ head."""
+
+    def __init__(self, features: torch.Tensor, head: torch.Tensor) -> None:
+        super().__init__()
+        self.table, self.head_weight = features, head
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        index = (x[:, 0, 0, 0] * 255).round().long() * 256 + (x[:, 0, 0, 1] * 255).round().long()
+        return self.table[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x) @ self.head_weight
+
+
+def _indexed_images(n: int) -> torch.Tensor:
+    images = torch.zeros(n, 3, 2, 2, dtype=torch.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = torch.arange(n) // 256, torch.arange(n) % 256
+    return images
+
+
+@pytest.mark.parametrize("poisoned", [True, False])
+def test_late_look_unlearns_a_backdoor_learned_after_the_verdict_and_nothing_on_clean_data(poisoned):
+    # 400 images of two labels. The model in training has learned a trigger late: the 40
+    # poisoned images (label 0) are its most confident, and its features put them together; the
+    # verdict, taken before, contradicted them surely and agreed with every clean image.
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 200 + [1] * 200)
+    poison = torch.zeros(400, dtype=torch.bool)
+    poison[:40] = poisoned
+    features = torch.randn(400, 16, generator=g)
+    features[poison] = torch.randn(int(poison.sum()), 16, generator=g) * 0.2 + torch.eye(16)[0] * 3
+    head = torch.zeros(16, 2)
+    head[0, 0] = 10.0               # the trigger's direction: label 0, surely
+    head[1:, 0], head[1:, 1] = torch.randn(15, generator=g) * 0.1, torch.randn(15, generator=g) * 0.1
+    data = ImageSet(_indexed_images(400), labels, ["a", "b"])
+    given = torch.rand(400, generator=g) * 0.3 + 0.6
+    given[poison] = 0.001
+    predicted = torch.where(given > 0.5, labels, 1 - labels)
+    cfg = QuarantineConfig(group_min_excess=0.02, quarantine_fraction=0.2)
+    look = LateLook()
+    look.take(_TableModel(features, head), data, _verdict(predicted, given), cfg, CPU)
+    assert look.ready
+    assert torch.equal(look.unlearn, poison)     # all the poison, no clean image
+    assert not (look.drop & ~poison & (labels == 1)).any()
+    assert any(g["unlearned"] for g in look.groups) == poisoned
+    restored = LateLook()
+    restored.load_state_dict(look.state_dict())
+    assert torch.equal(restored.drop, look.drop) and restored.groups == look.groups
+
+
+def test_late_look_comes_after_the_verdict_and_before_the_end():
+    base = QuarantineConfig(train=TOY_RECIPE)   # 4 epochs, verdict before epoch 2
+    assert base.late_look_epoch is None
+    assert replace(base, late_look_at=0.7).late_look_epoch == 3
+    assert replace(base, late_look_at=0.3).late_look_epoch is None   # not after the verdict
+    with pytest.raises(ValueError, match="late_look_at"):
+        QuarantineConfig(late_look_at=1.5)

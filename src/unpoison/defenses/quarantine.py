@@ -70,10 +70,9 @@ from ..train.supervised import DeviceData, TrainConfig
 from ..train.unlearn import UnlearnConfig, suspected_accuracy, unlearn, unlearning_loss
 from .base import Defense, DefenseContext, DefenseResult, StageTimer
 from .dbr import DBRConfig
-from .verdict import Verdict, judge, late_learned
+from .verdict import MIN_REPAIR, LateLook, Verdict, explain, judge, late_learned
 
 MIN_PER_CLASS = 10   # below this many images in a class the probe's seeds mean nothing
-MIN_REPAIR = 20      # a late set smaller than this is noise, not a backdoor worth an ascent
 
 
 @dataclass
@@ -124,6 +123,11 @@ class QuarantineConfig:
     # poison's own closeness (needs alike_quantile; None: they stay out). The share of agreed
     # poison (its trigger learned) that leaks back is about this quantile, so it is small
     release_unlike: float | None = 0.01
+    # a late look (None: off): at this share of the epochs, when no label stood out at the verdict,
+    # seed expansion runs on the model in training, which may have learned by then a trigger the
+    # probe's short run had not (a low poison rate, a warp), and the verdict judges its top
+    # `quarantine_fraction` (verdict.LateLook)
+    late_look_at: float | None = None
     # off by default: on CIFAR-10 the repair it triggers cost CA on every set and helped only
     # WaNet (benchmarks/RESULTS.md, "The default defence")
     recheck: bool = False
@@ -147,6 +151,8 @@ class QuarantineConfig:
             raise ValueError(f"quarantine alike_quantile must lie in [0, 1], got {self.alike_quantile}")
         if self.second_look_at is not None and not 0 <= self.second_look_at <= 1:
             raise ValueError(f"quarantine second_look_at must lie in [0, 1], got {self.second_look_at}")
+        if self.late_look_at is not None and not 0 <= self.late_look_at <= 1:
+            raise ValueError(f"quarantine late_look_at must lie in [0, 1], got {self.late_look_at}")
         if self.release_unlike is not None and not 0 <= self.release_unlike <= 1:
             raise ValueError(f"quarantine release_unlike must lie in [0, 1], got {self.release_unlike}")
         for name in ("quarantine_fraction", "verify_at", "doubt_quantile", "recheck_seed_fraction", "recheck_fraction",
@@ -166,6 +172,14 @@ class QuarantineConfig:
         if self.second_look_at is None:
             return None
         epoch = round(self.second_look_at * self.train.epochs)
+        return epoch if self.verify_epoch < epoch < self.train.epochs else None
+
+    @property
+    def late_look_epoch(self) -> int | None:
+        """The epoch before which the late look is taken (after the verdict), or None."""
+        if self.late_look_at is None:
+            return None
+        epoch = round(self.late_look_at * self.train.epochs)
         return epoch if self.verify_epoch < epoch < self.train.epochs else None
 
     @classmethod
@@ -188,10 +202,10 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
     # the number of steps is fixed by the kept set (the schedule is per step); after the
     # verdict the batches grow or shrink a little instead
     steps = -(-len(kept_index) // recipe.batch_size)
-    verdict, second = Verdict(), Verdict()
+    verdict, second, late = Verdict(), Verdict(), LateLook()
     engine = Engine(model, recipe.optim, ctx.runtime, name=name, epochs=recipe.epochs, steps_per_epoch=steps,
                     seed=ctx.seed, checkpoint_dir=ctx.checkpoints(), ema_decay=recipe.ema_decay,
-                    extra_state={"verdict": verdict, "second_look": second}, log_path=ctx.log_path,
+                    extra_state={"verdict": verdict, "second_look": second, "late_look": late}, log_path=ctx.log_path,
                     on_epoch_end=ctx.epoch_hook(name), progress=ctx.progress)
     device_data = DeviceData(data, ctx.runtime)
     plan: dict = {}
@@ -200,6 +214,9 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
         if "train" not in plan:
             plan["train"], plan["unlearn"], plan["groups"] = judge(verdict, data.labels, quarantined,
                                                                    data.num_classes, cfg, second, probe_features)
+            if late.ready:
+                plan["train"], plan["unlearn"] = plan["train"] & ~late.drop, plan["unlearn"] | late.unlearn
+                plan["late_groups"], plan["late_unlearned"] = late.groups, int(late.unlearn.sum())
         return plan
 
     def unlearned_loss(logits: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
@@ -216,6 +233,11 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
         if (look is not None and epoch >= look and not second.ready
                 and any("cut" in group for group in judged()["groups"])):
             second.take(engine.eval_model, data, ctx.runtime)
+            plan.clear()
+        look = cfg.late_look_epoch
+        if (look is not None and epoch >= look and verdict.ready and not late.ready
+                and not any(group["unlearned"] for group in judged()["groups"])):
+            late.take(engine.eval_model, data, verdict, cfg, ctx.runtime)
             plan.clear()
         if verdict.ready:
             train_index, unlearn_index = judged()["train"].nonzero().flatten(), plan["unlearn"].nonzero().flatten()
@@ -295,7 +317,7 @@ class Quarantine(Defense):
         suspicion = probe_rank + unlearned.float() * 2 + late.float()
         flagged = ~plan["train"] | late
         trusted = plan["train"] & ~late
-        notes = self.explain(data, quarantined, plan, late, repaired, undone)
+        notes = explain(cfg, data, quarantined, plan, late, repaired, undone)
         return DefenseResult(model, suspicion=suspicion, flagged=flagged, trusted=trusted, stages=timer.records,
                              notes=notes)
 
@@ -332,45 +354,3 @@ class Quarantine(Defense):
             return (f"a class has only {smallest} images (the probe needs at least {MIN_PER_CLASS} per class "
                     f"to tell a planted pattern from the class itself)")
         return None
-
-    def explain(self, data: ImageSet, quarantined, plan: dict, late, repaired, undone) -> list[str]:
-        names = data.classes if data.classes else [str(c) for c in range(data.num_classes)]
-        n = len(data)
-        unlearned, groups = plan["unlearn"], plan["groups"]
-        notes = [f"set aside {int(quarantined.sum())} of {n} images ({quarantined.float().mean():.1%}) before training"]
-        held = [g for g in groups if g["unlearned"]]
-        if held:
-            shown = ", ".join(f"'{names[g['label']]}' ({g['rate']:.0%} of {g['quarantined']}, against "
-                              f"{g['kept_rate']:.0%} of the kept images)" for g in held)
-            missed = sum(g.get("kept_alike", 0) + g.get("kept_unlearned", 0) + g.get("kept_unlearned_later", 0)
-                         for g in held)
-            if self.config.group_signal == "contradicted":
-                why = f"the model in training contradicted the labels of the set-aside images of {shown}"
-            else:
-                why = (f"the model in training gave the set-aside images of {shown} less probability for their "
-                       f"label than it gave {1 - self.config.doubt_quantile:.0%} of that label's kept images")
-            notes.append(f"{why}: those {int((unlearned & quarantined).sum())} contradicted images, and {missed} kept "
-                         f"images of the same label that looked like them to the probe or that it contradicted as "
-                         f"surely, were unlearned (a label the images do not support is what a planted trigger "
-                         f"teaches)")
-        else:
-            notes.append("no label among the set-aside images stood out: the model in training doubted their labels "
-                         "no more often than those of the kept images of their class, so nothing was unlearned")
-        released = int((quarantined & plan["train"]).sum())
-        if released:
-            notes.append(f"{released} set-aside images whose labels the model in training agreed with went back "
-                         f"into training after the check")
-        held_out = int((~plan["train"] & ~unlearned).sum())
-        if held_out:
-            notes.append(f"{held_out} set-aside images were left out of training (contradicted, or of a label "
-                         f"that stood out)")
-        if repaired:
-            notes.append(f"after training, {int(late.sum())} images learned late and unlike what the early model saw "
-                         f"were unlearned in a short repair")
-        elif undone:
-            notes.append(f"after training, {int(late.sum())} images looked learned late, but unlearning them cost "
-                         f"the model accuracy on images it trusts: the repair was undone (they were clean)")
-        elif late.any():
-            notes.append(f"after training, {int(late.sum())} images looked learned late: too few to repair "
-                         f"(fewer than {MIN_REPAIR} images or {self.config.repair_min_fraction:.1%} of the set)")
-        return notes

@@ -3,21 +3,26 @@
 
 `Verdict`: the early model's predicted class and given-label probability for every image.
 `contradicted_groups` and `doubted`: which label groups of the quarantine hold poison. `judge`: which
-images to train on and which to unlearn from the verdict on. `late_learned`: the optional
+images to train on and which to unlearn from the verdict on. `LateLook`: the same judgement,
+later in training, of the model in training's own suspects. `late_learned`: the optional
 recheck after training.
 """
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..data.imageset import ImageSet
+from ..detect.entropy import prediction_entropy
 from ..detect.expand import seed_similarity
 from ..train.supervised import extract_features, predict
 from .base import DefenseContext
+
+MIN_REPAIR = 20      # a late set smaller than this is noise, not a backdoor worth an ascent
 
 if TYPE_CHECKING:
     from .quarantine import QuarantineConfig
@@ -177,6 +182,46 @@ def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num
     return train, unlearn, groups
 
 
+class LateLook:
+    """What the late look decided (saved with the training checkpoint): the images it unlearns
+    from then on, the images it takes out of training, and its per-label table."""
+
+    def __init__(self) -> None:
+        self.unlearn: torch.Tensor | None = None
+        self.drop: torch.Tensor | None = None
+        self.groups: list[dict] = []
+
+    @property
+    def ready(self) -> bool:
+        return self.unlearn is not None
+
+    def take(self, model: nn.Module, data: ImageSet, verdict: Verdict, cfg: QuarantineConfig, runtime) -> None:
+        """Seed expansion on `model` (the model in training, which may by now have learned a
+        trigger the probe's short run had not), its top `quarantine_fraction` judged by the
+        `verdict`, taken before: a label group of that top the verdict doubted stands out
+        exactly as in the first look, and what `judge` unlearns is unlearned from now on; the
+        top's images of a standing-out label that it does not give back leave training. The
+        top's images of every other label were trained on all along and stay."""
+        logits = predict(model, data.images, runtime).float()
+        seeds = torch.argsort(prediction_entropy(logits), stable=True)[
+            : max(2, int(round(len(data) * cfg.probe.filter_rate)))]
+        features = extract_features(model, data.images, runtime)
+        scores = seed_similarity(features, seeds, cfg.probe.neighbours)
+        top = torch.zeros(len(data), dtype=torch.bool)
+        top[torch.argsort(scores, descending=True, stable=True)[: int(round(len(data) * cfg.quarantine_fraction))]] = True
+        train, unlearn, groups = judge(verdict, data.labels, top, data.num_classes, cfg, None, features)
+        held = torch.zeros(data.num_classes, dtype=torch.bool)
+        held[[g["label"] for g in groups if g["unlearned"]]] = True
+        self.unlearn, self.drop = unlearn, unlearn | (top & held[data.labels] & ~train)
+        self.groups = groups
+
+    def state_dict(self) -> dict:
+        return {"unlearn": self.unlearn, "drop": self.drop, "groups": json.dumps(self.groups)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.unlearn, self.drop, self.groups = state["unlearn"], state["drop"], json.loads(state["groups"])
+
+
 def late_learned(model: nn.Module, data: ImageSet, verdict: Verdict, quarantined: torch.Tensor,
                  ctx: DefenseContext, cfg: QuarantineConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 3: (late mask, recheck score). Late = images the final model fits that the early
@@ -196,3 +241,55 @@ def late_learned(model: nn.Module, data: ImageSet, verdict: Verdict, quarantined
     top = torch.zeros(len(data), dtype=torch.bool)
     top[torch.argsort(score, descending=True, stable=True)[: int(round(len(data) * cfg.recheck_fraction))]] = True
     return top & candidates, score
+
+
+def explain(cfg: QuarantineConfig, data: ImageSet, quarantined: torch.Tensor, plan: dict, late: torch.Tensor,
+            repaired: bool, undone: bool) -> list[str]:
+    """What quarantine did, in a user's words (the run's notes and `train`'s closing summary)."""
+    names = data.classes if data.classes else [str(c) for c in range(data.num_classes)]
+    n = len(data)
+    unlearned, groups = plan["unlearn"], plan["groups"]
+    notes = [f"set aside {int(quarantined.sum())} of {n} images ({quarantined.float().mean():.1%}) before training"]
+    held = [g for g in groups if g["unlearned"]]
+    if held:
+        shown = ", ".join(f"'{names[g['label']]}' ({g['rate']:.0%} of {g['quarantined']}, against "
+                          f"{g['kept_rate']:.0%} of the kept images)" for g in held)
+        missed = sum(g.get("kept_alike", 0) + g.get("kept_unlearned", 0) + g.get("kept_unlearned_later", 0)
+                     for g in held)
+        if cfg.group_signal == "contradicted":
+            why = f"the model in training contradicted the labels of the set-aside images of {shown}"
+        else:
+            why = (f"the model in training gave the set-aside images of {shown} less probability for their "
+                   f"label than it gave {1 - cfg.doubt_quantile:.0%} of that label's kept images")
+        notes.append(f"{why}: {int((unlearned & quarantined).sum())} of those images, and {missed} kept "
+                     f"images of the same label that looked like them to the probe or that it contradicted as "
+                     f"surely, were unlearned (a label the images do not support is what a planted trigger "
+                     f"teaches)")
+    late_held = [g for g in plan.get("late_groups", []) if g["unlearned"]]
+    if late_held:
+        shown = ", ".join(f"'{names[g['label']]}' ({g['rate']:.0%} of {g['quarantined']}, against "
+                          f"{g['kept_rate']:.0%} of the rest)" for g in late_held)
+        notes.append(f"later in training, the model's own most suspicious images of {shown} were ones the check had "
+                     f"doubted: {plan['late_unlearned']} of them were unlearned from then on (a backdoor learned "
+                     f"after the check)")
+    elif not held:
+        notes.append("no label among the set-aside images stood out: the model in training doubted their labels "
+                     "no more often than those of the kept images of their class, so nothing was unlearned")
+    released = int((quarantined & plan["train"]).sum())
+    if released:
+        notes.append(f"{released} set-aside images whose labels the model in training agreed with went back "
+                     f"into training after the check")
+    held_out = int((~plan["train"] & ~unlearned).sum())
+    if held_out:
+        notes.append(f"{held_out} set-aside images were left out of training (contradicted, or of a label "
+                     f"that stood out)")
+    if repaired:
+        notes.append(f"after training, {int(late.sum())} images learned late and unlike what the early model saw "
+                     f"were unlearned in a short repair")
+    elif undone:
+        notes.append(f"after training, {int(late.sum())} images looked learned late, but unlearning them cost "
+                     f"the model accuracy on images it trusts: the repair was undone (they were clean)")
+    elif late.any():
+        notes.append(f"after training, {int(late.sum())} images looked learned late: too few to repair "
+                     f"(fewer than {MIN_REPAIR} images or {cfg.repair_min_fraction:.1%} of the set)")
+    return notes
