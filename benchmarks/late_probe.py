@@ -3,8 +3,9 @@ train a network's quick recipe on the whole poisoned set (no defence) and, after
 print the ASR, and seed expansion run on *that epoch's* model (its 1 % lowest-entropy images as
 seeds, every image scored by closeness to them in its features): how much of the poison the top
 `--fraction` holds, and whether a label group of that top stands out by the verdict test of
-defenses/verdict.py (doubted share) read from an *earlier* epoch's probabilities (`--verdict-at`),
-before the trigger was learned. The poison mask is read for the printout only.
+defenses/verdict.py (doubted share) read from each epoch's probabilities so far: a verdict
+taken before the trigger was learned doubts the poison. The poison mask is read for the
+printout only.
 
     PYTHONPATH=src python benchmarks/late_probe.py --attack blended --param rate=0.01 --epochs 8
 """
@@ -53,7 +54,6 @@ def main() -> None:
     parser.add_argument("--param", action="append", default=[], help="attack parameter KEY=VALUE")
     parser.add_argument("--model", default="wrn16-1")
     parser.add_argument("--fraction", type=float, default=0.2)
-    parser.add_argument("--verdict-at", type=int, default=4, help="the epoch whose probabilities judge")
     parser.add_argument("--epochs", type=int, default=None, help="stop after this many epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--subset", type=int, default=None, help="train on this many images (a quick check)")
@@ -86,8 +86,7 @@ def main() -> None:
         model = engine.eval_model.eval()
         logits = predict(model, data.images, runtime).float()
         given = torch.softmax(logits, 1).gather(1, data.labels[:, None]).squeeze(1)
-        if epoch + 1 == args.verdict_at:
-            verdict.append(given)
+        verdict.append(given)
         seeds = torch.argsort(prediction_entropy(logits), stable=True)[: max(2, len(data) // 100)]
         scores = seed_similarity(extract_features(model, data.images, runtime), seeds, 10)
         top = torch.zeros(len(data), dtype=torch.bool)
@@ -95,11 +94,11 @@ def main() -> None:
         asr = backdoor_metrics(model, test, attack, runtime, backdoor)["asr"]
         line = (f"epoch {epoch + 1}: ASR {asr:.3f} | seeds poison {float(poison[seeds].float().mean()):.2f} | "
                 f"top {args.fraction:.0%} holds {int((top & poison).sum())}/{int(poison.sum())} poison")
-        if verdict:
-            rows = sorted(group_test(verdict[0], data.labels, top, data.num_classes), key=lambda r: -r[5])[:3]
-            line += " | by epoch-%d verdict: " % args.verdict_at + "; ".join(
-                f"L{c} n{n} doubted {r:.2f}/{b:.2f} z{z:.0f} x{x:.0f}" for c, n, r, b, z, x in rows)
         print(line, flush=True)
+        for at, earlier in enumerate(verdict, start=1):   # this epoch's top, judged by every epoch's verdict
+            rows = sorted(group_test(earlier, data.labels, top, data.num_classes), key=lambda r: -r[5])[:2]
+            print(f"    by the epoch-{at} verdict: " + "; ".join(
+                f"L{c} n{n} doubted {r:.2f}/{b:.2f} z{z:.0f} x{x:.0f}" for c, n, r, b, z, x in rows), flush=True)
         if args.epochs and epoch + 1 >= args.epochs:
             raise SystemExit(0)
         return {}
