@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.batches import endless_indices
+from ..distributed import average_gradients
 from ..data.imageset import ImageSet
 from ..train.engine import Engine, OptimConfig
 from ..train.supervised import DeviceData
@@ -129,6 +130,7 @@ def anp_epoch(net: PerturbedNetwork, data: DeviceData, cfg: ANPConfig):
             noise = net.draw_noise(cfg.eps, g)
             net.perturbed = True
             grads = torch.autograd.grad(F.cross_entropy(net(x).float(), y), noise)
+            average_gradients(list(grads))   # under torchrun: each rank holds its slice's share
             with torch.no_grad():
                 for t, grad in zip(noise, grads):
                     t.add_(cfg.eps * grad).clamp_(-cfg.eps, cfg.eps)

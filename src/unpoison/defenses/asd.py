@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.batches import batch_indices
+from ..distributed import average_gradients
 from ..data.imageset import ImageSet
 from ..runtime import generator
 from ..train.engine import Engine
@@ -150,6 +151,7 @@ def loss_reduction(model: nn.Module, data: ImageSet, losses: torch.Tensor, ctx: 
             loss = F.cross_entropy(virtual(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients([p.grad for p in virtual.parameters()])   # under torchrun (see distributed.py)
         optimizer.step()
     return losses - sce_losses(virtual.eval(), data, ctx, cfg)
 
