@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.batches import endless_indices
-from ..distributed import average_gradients
 from ..data.imageset import ImageSet
+from ..distributed import average_gradients
 from ..train.engine import Engine, OptimConfig
 from ..train.supervised import DeviceData
 from .base import DefenseContext, DefenseResult, StageTimer

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.batches import batch_indices
-from ..distributed import average_gradients
 from ..data.imageset import ImageSet
+from ..distributed import average_gradients
 from ..runtime import generator
 from ..train.engine import Engine
 from ..train.fixmatch import FixMatchConfig, fixmatch_epoch
