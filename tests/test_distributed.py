@@ -143,7 +143,8 @@ SEED_DEFENCES = ("quarantine", "dlp", "cbd", "dst", "dbr")
 
 def _smoke_run(defence: str, out: Path, ranks: int) -> tuple[dict, np.ndarray]:
     args = ["-m", "unpoison.cli", "run", "--profile", "smoke", "--attack", "badnets", "--defense", defence,
-            "--out", str(out), "--precision", "fp32", "--no-share", "--no-progress"]
+            "--out", str(out), "--precision", "fp32", "--no-share", "--no-progress",
+            "--train-subset", "384", "--test-subset", "128"]   # ~20 s a run on one thread
     done = _launch(args, ranks)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "metrics.json").read_text()), np.load(out / "scores.npz")["scores"]
@@ -157,16 +158,18 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.skipif(data_root() is None, reason="CIFAR-10 not found (UNPOISON_DATA)")
 @pytest.mark.parametrize("defence", SEED_DEFENCES)
 def test_a_seed_defence_on_two_ranks_is_within_noise_of_one_process(tmp_path, defence):
-    """Smoke runs (512 images, a few epochs, models near chance): within the spread that
-    one process shows when nothing but the memory layout of its batches changes (DLP:
-    clean accuracy 0.105 vs 0.191, ASR 0.35 vs 0.24, AUROC 0.474 vs 0.452, Spearman 0.83)."""
+    """Smoke runs (a few hundred images, a few epochs, models near chance) through every
+    stage on two ranks: the same stages, one score per image, and metrics within the spread
+    one process shows when nothing but the memory layout of its batches changes (measured
+    on DLP's full smoke run: clean accuracy 0.105 vs 0.191, ASR 0.35 vs 0.24, AUROC 0.474
+    vs 0.452, Spearman of the scores 0.83)."""
     one, scores_one = _smoke_run(defence, tmp_path / "one", 1)
     two, scores_two = _smoke_run(defence, tmp_path / "two", 2)
     assert two["device"].endswith("2 processes (torchrun)") and "processes" not in one["device"]
     assert two["n_train"] == one["n_train"] and two["n_poisoned"] == one["n_poisoned"]
     assert [s["name"] for s in two["stages"]] == [s["name"] for s in one["stages"]]
     for key in ("clean_acc", "asr", "robust_acc"):
-        assert abs(two[key] - one[key]) <= 0.2, (key, one[key], two[key])
-    assert abs(two["detection"]["auroc"] - one["detection"]["auroc"]) <= 0.15
+        assert abs(two[key] - one[key]) <= 0.25, (key, one[key], two[key])
+    assert abs(two["detection"]["auroc"] - one["detection"]["auroc"]) <= 0.2
     assert scores_two.shape == scores_one.shape
     assert _spearman(scores_one, scores_two) >= 0.5
