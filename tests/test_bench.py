@@ -373,7 +373,8 @@ def test_a_budget_stops_the_grid_and_the_next_call_finishes_it_as_one_long_call(
 
     import unpoison.bench.execute as execute
 
-    grid = small_grid(defenses=["none"], seeds=[0, 1])
+    # no model cache: an earlier test's identical models would finish the cells without training
+    grid = small_grid(defenses=["none"], seeds=[0, 1], run={"report": False, "monitor": "stages", "share_models": False})
     sliced = tmp_path / "sliced"
     with monkeypatch.context() as patch:
         # the grid's clock says the first cell may start; the engine's, that its epoch ended late

@@ -41,7 +41,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -274,8 +274,3 @@ def sync_batchnorm(module: nn.Module) -> None:
         if type(m) is nn.BatchNorm2d:
             m.__class__ = GlobalBatchNorm2d
 
-
-def record() -> dict[str, Any]:
-    """What metrics.json records about the processes a run used (nothing for one)."""
-    w = world()
-    return {"world_size": w.size} if w.size > 1 else {}
