@@ -362,3 +362,37 @@ def test_a_non_standard_poison_rate_gets_its_own_row():
     assert flat_row(cell(0.05, 0.8))["attack"] == "sig (rate 0.05)"
     rows = summarize([cell(0.1, 0.9), cell(0.05, 0.8)])
     assert [r["attack"] for r in rows] == ["sig", "sig (rate 0.05)"] and all(r["n"] == 1 for r in rows)
+
+
+@pytest.mark.slow
+def test_a_budget_stops_the_grid_and_the_next_call_finishes_it_as_one_long_call(tmp_path, toy_root, monkeypatch):
+    """The slice driver: a budget that runs out during the first cell stops it after its
+    first epoch (checkpoint kept) and leaves the rest; the next call resumes it and runs the
+    rest; the results equal those of one uninterrupted call, number for number."""
+    from types import SimpleNamespace
+
+    import unpoison.bench.execute as execute
+
+    # no model cache: an earlier test's identical models would finish the cells without training
+    grid = small_grid(defenses=["none"], seeds=[0, 1], run={"report": False, "monitor": "stages", "share_models": False})
+    sliced = tmp_path / "sliced"
+    with monkeypatch.context() as patch:
+        # the grid's clock says the first cell may start; the engine's, that its epoch ended late
+        patch.setattr(execute, "time", SimpleNamespace(time=lambda: 0.0))
+        first = bench.run_grid(grid, sliced, grid.cells(), options(toy_root, deadline=1.0))
+    assert not first["ran"] and first["left"] == [c.id for c in grid.cells()]
+    interrupted = bench.cell_dir(sliced, grid.cells()[0])
+    assert (interrupted / "checkpoints").is_dir() and not (interrupted / "metrics.json").exists()
+    assert len((interrupted / "log.jsonl").read_text().splitlines()) == 1   # one epoch, then the stop
+
+    second = bench.run_grid(grid, sliced, grid.cells(), options(toy_root))
+    assert second["ran"] == [c.id for c in grid.cells()] and not second["left"]
+    assert not (interrupted / "checkpoints").exists()   # a finished cell keeps no checkpoints
+
+    whole = tmp_path / "whole"
+    bench.run_grid(grid, whole, grid.cells(), options(toy_root))
+    for cell in grid.cells():
+        a, b = (json.loads((bench.cell_dir(o, cell) / "metrics.json").read_text()) for o in (sliced, whole))
+        for key in ("clean_acc", "asr", "robust_acc", "n_poisoned"):
+            assert a[key] == b[key], (cell.id, key)
+        assert [s["name"] for s in a["stages"]] == [s["name"] for s in b["stages"]]

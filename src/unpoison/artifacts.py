@@ -19,6 +19,7 @@ from torch import nn
 
 from .context import DefenseContext
 from .data.cache import cache_dir
+from .distributed import main_decides
 from .data.imageset import ImageSet
 from .models import Classifier, build_model
 from .runtime import Runtime
@@ -137,7 +138,7 @@ class ModelCache:
         """(model, was_cached)."""
         folder = self.folder or (cache_dir() / "models")
         path = folder / f"{self.key(key)}.pt"
-        if path.exists():
+        if main_decides(path.exists()):   # under torchrun: every rank loads, or every rank trains
             try:
                 payload = torch.load(path, map_location="cpu", weights_only=True)
                 model = self.new_model()

@@ -109,6 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command; under `torchrun --nproc-per-node N -m unpoison.cli ...` every process
+    runs it, with the batches split between them (`unpoison.distributed`)."""
+    from . import distributed
+
+    distributed.init_from_env()
+    try:
+        with distributed.quiet_unless_main():
+            return _main(argv)
+    finally:
+        distributed.shutdown()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from .data import DataFormatError, DatasetNotFound
 
     parser = build_parser()

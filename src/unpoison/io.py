@@ -14,9 +14,14 @@ from typing import Any, Iterable
 
 import torch
 
+from .distributed import is_main
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary sibling, then rename: a kill never leaves half a file."""
+    """Write to a temporary sibling, then rename: a kill never leaves half a file. Under
+    torchrun only rank 0 writes (every rank computed the same content)."""
+    if not is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -43,6 +48,16 @@ def _clean(obj: Any) -> Any:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(_clean(obj), indent=2, ensure_ascii=False) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Add one record to a JSON-lines journal (rank 0 only, under torchrun)."""
+    if not is_main():
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

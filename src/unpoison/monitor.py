@@ -9,7 +9,6 @@ select on what they measure.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from torch import nn
 
 from .attacks.base import Attack, PoisonedSet
 from .console import say
-from .io import read_jsonl
+from .io import append_jsonl, read_jsonl
 from .context import DefenseContext
 from .data.imageset import ImageSet
 from .metrics import accuracy, backdoor_metrics, subset_accuracy
@@ -71,8 +70,7 @@ class Monitor:
 
     def _log(self, entry: dict) -> None:
         if self.journal is not None:
-            with open(self.journal, "a") as f:
-                f.write(json.dumps({**entry, "elapsed": round(self.elapsed(), 2)}) + "\n")
+            append_jsonl(self.journal, {**entry, "elapsed": round(self.elapsed(), 2)})
 
     @staticmethod
     def _train_sample(poisoned: PoisonedSet, n: int, g: torch.Generator):
@@ -119,8 +117,7 @@ class HeldOutMonitor:
         if self.sample is None:
             return
         acc = held_out_accuracy(model, self.sample, self.runtime)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"stage": stage, "epoch": epoch + 1, "held_out_acc": acc}) + "\n")
+        append_jsonl(self.path, {"stage": stage, "epoch": epoch + 1, "held_out_acc": acc})
 
     def on_stage(self, stage: str, model: nn.Module) -> None:
         if self.held_out is None:

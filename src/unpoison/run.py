@@ -59,6 +59,8 @@ class RunConfig:
     tta: bool = False             # final CA/ASR/RA with test-time augmentation (mirror, 1-pixel shifts)
     clean_fraction: float = 0.05  # clean reference for the repair baselines: this share of the
                                   # training set, drawn from unpoisoned images
+    deadline: float | None = None   # time.time() after which training stops at an epoch end
+                                    # (runtime.TimeBudgetSpent; `bench --budget`)
 
 
 def load_split(cfg: RunConfig, split: str, limit: int | None) -> ImageSet:
@@ -76,7 +78,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     prepare_out(out, cfg.resume, (MONITOR_JOURNAL, "metrics.json", TRIGGER_FILE, SCORES_FILE, "report.html"))
     profile = get_profile(cfg.profile)
-    runtime = Runtime.create(cfg.device, cfg.precision, compile=cfg.compile)
+    runtime = Runtime.create(cfg.device, cfg.precision, compile=cfg.compile, deadline=cfg.deadline)
     print(f"[run] {profile.note}", file=sys.stderr)
     print(f"[run] {runtime.describe()}", file=sys.stderr)
 

@@ -10,9 +10,12 @@ import contextlib
 import functools
 import hashlib
 import os
+import time
 from dataclasses import dataclass
 
 import torch
+
+from .distributed import main_decides, world
 
 
 @functools.lru_cache(maxsize=1)
@@ -33,10 +36,12 @@ def cpu_has_fast_bf16() -> bool:
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"--device {name} was requested but CUDA is not available")
+    if device.type == "cuda" and device.index is None and world().size > 1:
+        device = torch.device("cuda", world().local_rank)   # torchrun: one GPU per process
     return device
 
 
@@ -51,18 +56,31 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
+class TimeBudgetSpent(Exception):
+    """The run's deadline passed: raised at the end of an epoch, after its checkpoint, so
+    the same command with --resume continues from there."""
+
+
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
     precision: str = "fp32"
     channels_last: bool = True
     compile: bool = False
+    # wall-clock time (time.time()) after which training stops at the next epoch end
+    # (`unpoison bench --budget`): where a run may compute includes for how long
+    deadline: float | None = None
 
     @classmethod
     def create(cls, device: str = "auto", precision: str = "auto", channels_last: bool = True,
-               compile: bool = False) -> "Runtime":
+               compile: bool = False, deadline: float | None = None) -> "Runtime":
         dev = resolve_device(device)
-        return cls(dev, resolve_precision(dev, precision), channels_last, compile)
+        return cls(dev, resolve_precision(dev, precision), channels_last, compile, deadline)
+
+    def check_deadline(self, what: str) -> None:
+        """Raise TimeBudgetSpent once the deadline has passed (rank 0's clock decides for all)."""
+        if self.deadline is not None and main_decides(time.time() >= self.deadline):
+            raise TimeBudgetSpent(f"time budget spent after {what}")
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -76,7 +94,8 @@ class Runtime:
 
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else cpu_name()
-        return f"{self.device.type} ({name}), {self.precision}, torch {torch.__version__}"
+        ranks = f", {world().size} processes (torchrun)" if world().size > 1 else ""
+        return f"{self.device.type} ({name}), {self.precision}, torch {torch.__version__}{ranks}"
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)

@@ -14,6 +14,7 @@ from .config import to_plain
 from .console import UserError
 from .context import DefenseContext
 from .data.imageset import ImageSet
+from .distributed import barrier, is_main
 from .io import atomic_write_text, write_json
 from .runtime import Runtime
 
@@ -22,10 +23,11 @@ def prepare_out(out: Path, resume: bool, outputs: Iterable[str]) -> None:
     """A fresh run clears what an earlier run left (checkpoints above all: they would
     silently resume a different run); --resume keeps the checkpoints."""
     out.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if not resume and is_main():
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         for name in ("log.jsonl", "heldout.jsonl", *outputs):
             (out / name).unlink(missing_ok=True)
+    barrier()   # under torchrun: no rank reads the folder before rank 0 has cleared it
 
 
 RUN_IDENTITY = "run-identity.json"

@@ -8,12 +8,15 @@ import re
 import shlex
 import shutil
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..distributed import is_main, main_decides
 from ..io import atomic_write_text, write_json
+from ..runtime import TimeBudgetSpent
 from ..report import tables
 from .grid import MATCH_KEYS, BenchError, Cell, Grid
 
@@ -110,10 +113,14 @@ class BenchOptions:
     progress: bool = False
     results: str | None = None     # committed results folder (benchmarks/results/<grid>)
     command: str = ""              # the command line, recorded with every cell
+    deadline: float | None = None  # time.time() at which to stop (`--budget`): the cell running
+                                   # then stops at its next epoch end, after its checkpoint
 
 
 def run_grid(grid: Grid, out: str | Path, cells: Sequence[Cell], options: BenchOptions) -> dict[str, list[str]]:
-    """Run `cells` (a selection of grid.cells()) into OUT; returns {'ran','skipped','failed'} ids."""
+    """Run `cells` (a selection of grid.cells()) into OUT; returns {'ran','skipped','failed',
+    'left'} ids ('left': not finished when the time budget ran out; the same call again
+    continues them, the interrupted cell from its last finished epoch)."""
     from ..report import write_report
     from ..run import RunConfig, run
 
@@ -121,8 +128,11 @@ def run_grid(grid: Grid, out: str | Path, cells: Sequence[Cell], options: BenchO
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "grid.json", {"source": grid.source, "grid": grid.raw})
     position = {c.id: i for i, c in enumerate(grid.cells())}
-    outcome: dict[str, list[str]] = {"ran": [], "skipped": [], "failed": []}
+    outcome: dict[str, list[str]] = {"ran": [], "skipped": [], "failed": [], "left": []}
     for i, cell in enumerate(cells, 1):
+        if outcome["left"] or options.deadline is not None and main_decides(time.time() >= options.deadline):
+            outcome["left"].append(cell.id)
+            continue
         folder = cell_dir(out, cell)
         tag = f"[bench] {i}/{len(cells)} {cell.id}"
         if stored_result(folder / "metrics.json", cell):
@@ -147,9 +157,13 @@ def run_grid(grid: Grid, out: str | Path, cells: Sequence[Cell], options: BenchO
             attack_params=dict(cell.attack_params), defense_params=dict(cell.defense_params), resume=same_spec,
             progress=options.progress, monitor=str(cell.options.get("monitor", "auto")),
             share_models=bool(cell.options.get("share_models", True)), report=False,
-            detector=cell.detector, detector_params=dict(cell.detector_params))
+            detector=cell.detector, detector_params=dict(cell.detector_params), deadline=options.deadline)
         try:
             metrics = run(config)
+        except TimeBudgetSpent:
+            print(f"{tag}: time budget spent; its checkpoints are kept for the next call", file=sys.stderr, flush=True)
+            outcome["left"].append(cell.id)
+            continue
         except Exception as exc:  # one broken cell must not stop a night-long grid
             atomic_write_text(folder / "error.txt", traceback.format_exc())
             print(f"{tag}: FAILED ({type(exc).__name__}: {exc}); traceback in {folder / 'error.txt'}",
@@ -157,6 +171,8 @@ def run_grid(grid: Grid, out: str | Path, cells: Sequence[Cell], options: BenchO
             outcome["failed"].append(cell.id)
             continue
         (folder / "error.txt").unlink(missing_ok=True)
+        if is_main():   # a finished cell never resumes: its checkpoints are dead weight in a slot's folder
+            shutil.rmtree(folder / "checkpoints", ignore_errors=True)
         metrics["bench"] = {"grid": grid.name, "grid_file": grid.source, "cell": cell.id,
                             "position": position.get(cell.id), "spec": cell.spec(), "command": options.command}
         write_json(folder / "metrics.json", metrics)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..attacks.base import DEFAULT_RATE
-from ..io import atomic_write_text, write_csv
+from ..io import atomic_write_bytes, atomic_write_text, write_csv
 from ..report import tables
 from .execute import cell_dir, stored_result
 from .grid import Cell, Grid
@@ -104,9 +104,9 @@ def write_tables(out: str | Path, grid: Grid, plots: bool = True) -> dict[str, A
         if plots:
             stem = f"{dataset}-{model}-{profile}"
             (out / "plots").mkdir(exist_ok=True)
-            (out / "plots" / f"{stem}-bars.png").write_bytes(figures.bench_bars_figure(part, f"{dataset}, {model}"))
-            (out / "plots" / f"{stem}-tradeoff.png").write_bytes(
-                figures.bench_tradeoff_figure(part, f"{dataset}, {model}"))
+            atomic_write_bytes(out / "plots" / f"{stem}-bars.png", figures.bench_bars_figure(part, f"{dataset}, {model}"))
+            atomic_write_bytes(out / "plots" / f"{stem}-tradeoff.png",
+                               figures.bench_tradeoff_figure(part, f"{dataset}, {model}"))
             lines.append(f"\n![CA and ASR per attack and defence](plots/{stem}-bars.png)\n"
                          f"![ASR against CA](plots/{stem}-tradeoff.png)\n")
     if missing:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from ..cli import add_runtime_options
 
@@ -26,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--profile", choices=["smoke", "quick", "paper"], default=None,
                    help="run the grid at this profile instead of its own (e.g. smoke: the whole grid in minutes, "
                         "to check that every cell runs)")
+    p.add_argument("--budget", type=float, default=None, metavar="MINUTES",
+                   help="stop after this many minutes (the running cell at its next epoch end, after its "
+                        "checkpoint); the same command again continues the grid (exit status 3 while cells are left)")
     p.add_argument("--list", action="store_true", help="print the cells and whether each is done, then stop")
     p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                    help="join these bench folders (shards of one grid) into --out and write its tables")
@@ -77,9 +81,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     command += [f"--shard {args.shard}"] if args.shard else []
     command += [f"--only {o}" for o in args.only or []]
     command += [f"--results {args.results}"] if args.results else []
+    deadline = time.time() + 60 * args.budget if args.budget is not None else None
     options = bench.BenchOptions(data_root=args.data_root, device=args.device, precision=args.precision,
                                  progress=not args.no_progress, results=args.results,
-                                 command="unpoison bench " + " ".join(command))
+                                 command="unpoison bench " + " ".join(command), deadline=deadline)
     try:
         outcome = bench.run_grid(grid, args.out, cells, options)
     except KeyboardInterrupt:
@@ -88,13 +93,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _finish(bench.write_tables(args.out, grid), args.out)
         return 130
     print(f"[bench] ran {len(outcome['ran'])}, skipped {len(outcome['skipped'])} done, "
-          f"failed {len(outcome['failed'])}", file=sys.stderr)
+          f"failed {len(outcome['failed'])}, left {len(outcome['left'])}", file=sys.stderr)
     _finish(bench.write_tables(args.out, grid), args.out)
     if outcome["failed"]:
         print("[bench] failed cells (see OUT/runs/<cell>/error.txt; rerun to retry): " + ", ".join(outcome["failed"]),
               file=sys.stderr)
-        return 1
-    return 0
+    if outcome["left"]:
+        print(f"[bench] time budget spent with {len(outcome['left'])} cells left: run the same command again "
+              f"(same --out) to continue", file=sys.stderr)
+        return 3
+    return 1 if outcome["failed"] else 0
 
 
 def _finish(written: dict, out: str) -> int:

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..distributed import is_main, main_first
 from .imageset import ImageSet
 
 # Bump when decoding changes (resize policy, colour conversion...) to invalidate caches.
@@ -63,16 +64,18 @@ def cached(key: dict, build: Callable[[], ImageSet], enabled: bool = True) -> Im
     key = dict(key, decoder=DECODER_VERSION)
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     folder = cache_dir() / "decoded" / name
-    try:
-        return _read(folder)
-    except (OSError, ValueError, KeyError):
-        pass
-    dataset = build()
-    try:
-        _write(folder, dataset, key)
-    except OSError:
-        pass  # a read-only cache directory only costs speed
-    return dataset
+    with main_first():   # under torchrun the other ranks read what rank 0 decoded and stored
+        try:
+            return _read(folder)
+        except (OSError, ValueError, KeyError):
+            pass
+        dataset = build()
+        try:
+            if is_main():
+                _write(folder, dataset, key)
+        except OSError:
+            pass  # a read-only cache directory only costs speed
+        return dataset
 
 
 def _read(folder: Path) -> ImageSet:

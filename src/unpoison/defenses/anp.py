@@ -32,6 +32,7 @@ from torch import nn
 
 from ..data.batches import endless_indices
 from ..data.imageset import ImageSet
+from ..distributed import average_gradients
 from ..train.engine import Engine, OptimConfig
 from ..train.supervised import DeviceData
 from .base import DefenseContext, DefenseResult, StageTimer
@@ -129,6 +130,7 @@ def anp_epoch(net: PerturbedNetwork, data: DeviceData, cfg: ANPConfig):
             noise = net.draw_noise(cfg.eps, g)
             net.perturbed = True
             grads = torch.autograd.grad(F.cross_entropy(net(x).float(), y), noise)
+            average_gradients(list(grads))   # under torchrun: each rank holds its slice's share
             with torch.no_grad():
                 for t, grad in zip(noise, grads):
                     t.add_(cfg.eps * grad).clamp_(-cfg.eps, cfg.eps)

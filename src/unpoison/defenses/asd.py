@@ -37,6 +37,7 @@ from torch import nn
 
 from ..data.batches import batch_indices
 from ..data.imageset import ImageSet
+from ..distributed import average_gradients
 from ..runtime import generator
 from ..train.engine import Engine
 from ..train.fixmatch import FixMatchConfig, fixmatch_epoch
@@ -150,6 +151,7 @@ def loss_reduction(model: nn.Module, data: ImageSet, losses: torch.Tensor, ctx: 
             loss = F.cross_entropy(virtual(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients([p.grad for p in virtual.parameters()])   # under torchrun (see distributed.py)
         optimizer.step()
     return losses - sce_losses(virtual.eval(), data, ctx, cfg)
 

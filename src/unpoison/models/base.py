@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..distributed import split_batch
+
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
@@ -26,8 +28,10 @@ class Classifier(nn.Module):
         raise NotImplementedError
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The penultimate representation (pooled, flattened), what the head sees."""
-        return self.backbone((x - self.mean) / self.std)
+        """The penultimate representation (pooled, flattened), what the head sees. Under
+        torchrun each rank computes the backbone on its slice of the batch, and every rank
+        gets all of it back (`distributed.split_batch`)."""
+        return split_batch(self.backbone, (x - self.mean) / self.std, self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import all_rows
 from .base import Classifier
 
 
@@ -80,7 +81,7 @@ class PatchWhitening(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.ready:
-            self.fit(x)
+            self.fit(all_rows(x))   # under torchrun: the whole first batch, not this rank's slice
         return F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
 
 

@@ -11,6 +11,7 @@ Both are written by `unpoison run` and read back by `unpoison report`; loading u
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 
 from ..attacks.base import Attack, BackdoorTest, PoisonedSet
 from ..data.imageset import ImageSet
+from ..io import atomic_write_bytes
 
 TRIGGER_FILE = "trigger.npz"
 SCORES_FILE = "scores.npz"
@@ -41,9 +43,7 @@ def save_trigger_examples(path: str | os.PathLike, clean_train: ImageSet, poison
         "test_clean": test_clean, "test_triggered": backdoor.images[: len(test_clean)],
         "test_label": backdoor.true_labels[: len(test_clean)], "test_target": backdoor.target_labels[: len(test_clean)],
     }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, classes=np.array(clean_train.classes, dtype=str),
-                        **{k: v.cpu().numpy() for k, v in arrays.items()})
+    _save_npz(path, classes=np.array(clean_train.classes, dtype=str), **{k: v.cpu().numpy() for k, v in arrays.items()})
     return True
 
 
@@ -52,8 +52,14 @@ def save_scores(path: str | os.PathLike, scores: torch.Tensor, is_poison: torch.
     arrays = {"scores": scores.detach().float().cpu().numpy(), "is_poison": is_poison.bool().cpu().numpy()}
     if flagged is not None:
         arrays["flagged"] = flagged.bool().cpu().numpy()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **arrays)
+    _save_npz(path, **arrays)
+
+
+def _save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Compressed .npz, written atomically (and by rank 0 only, under torchrun)."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray] | None:

@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ..distributed import average_gradients, is_main, main_decides
+from ..io import append_jsonl
 from ..runtime import Runtime, derive_seed, generator
 
 try:
@@ -193,6 +195,9 @@ class Engine:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # under torchrun: every rank computed the same loss over the whole batch, each with
+        # its slice's share of the backbone's gradients; the average is one process's gradient
+        average_gradients([p.grad for group in self.optimizer.param_groups for p in group["params"]])
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
@@ -256,6 +261,7 @@ class Engine:
             self.epoch = self.epochs if extra.get("stopped") else epoch + 1
             self._log(record)
             self._save()
+            self.runtime.check_deadline(f"{self.name} epoch {epoch + 1}")   # after the save: resumable
             if extra.get("stopped"):
                 break
         return self.eval_model
@@ -265,9 +271,7 @@ class Engine:
                          for k, v in record.items() if k not in ("stage", "epoch", "epochs"))
         print(f"[{self.name}] epoch {record['epoch']}/{record['epochs']} {shown}", file=sys.stderr, flush=True)
         if self.log_path:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(self.log_path, record)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -286,7 +290,9 @@ class Engine:
         atomic_torch_save(self.state_dict(), self.checkpoint)
 
     def _load(self) -> bool:
-        if self.checkpoint is None or not self.checkpoint.exists():
+        # rank 0 decides for all, so no rank starts afresh while another resumes; the state is
+        # complete (not per rank), so a checkpoint resumes on any number of ranks
+        if self.checkpoint is None or not main_decides(self.checkpoint.exists()):
             return False
         state = torch.load(self.checkpoint, map_location=self.runtime.device, weights_only=True)
         if state.get("format") != "unpoison-engine-checkpoint" or state.get("name") != self.name:
@@ -305,7 +311,10 @@ class Engine:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    """Write to a temporary file in the same folder, then rename: never a half-written file.
+    Under torchrun only rank 0 writes."""
+    if not is_main():
+        return
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
