@@ -78,11 +78,11 @@ MIN_PER_CLASS = 10   # below this many images in a class the probe's seeds mean 
 @dataclass
 class QuarantineConfig:
     probe: ExpandConfig = field(default_factory=lambda: ExpandConfig.for_profile("quick"))
-    # share of the set the probe sets aside. On WRN-16-1, 0.1 kept about a point more CA than 0.2
-    # on three cells at the same ASR (the target class's easy images leave training with the
-    # poison until the verdict); QuickNet needs 0.2: it learned a blend from the 378 poisoned
-    # images below the top 10 % within one epoch (benchmarks/RESULTS.md, quarantine v5 and v6)
-    quarantine_fraction: float = 0.1
+    # share of the set the probe sets aside. 0.2, not 0.1: with 0.1 the poison the probe ranks
+    # below its top (~400 images on Blended) taught the trigger before the verdict, so nothing stood
+    # out (WRN-16-1 Blended seed 0: 99.99 % ASR; QuickNet the same); 0.1 kept ~1 point more CA where
+    # it worked (benchmarks/RESULTS.md, quarantine v5 and v6)
+    quarantine_fraction: float = 0.2
     train: TrainConfig = field(default_factory=lambda: get_profile("quick").baseline)
     verify_at: float = 0.4               # share of the training epochs before the verdict
     # a second look: the kept images of a standing-out label that the model still
