@@ -166,21 +166,22 @@ class QuarantineConfig:
         """The epoch before which the verdict is taken (at least one epoch of training)."""
         return max(1, round(self.verify_at * self.train.epochs))
 
+    def _epoch_after_verdict(self, share: float | None) -> int | None:
+        """The epoch at `share` of training when it falls after the verdict and before the end."""
+        if share is None:
+            return None
+        epoch = round(share * self.train.epochs)
+        return epoch if self.verify_epoch < epoch < self.train.epochs else None
+
     @property
     def second_look_epoch(self) -> int | None:
         """The epoch before which the second look is taken (after the verdict), or None."""
-        if self.second_look_at is None:
-            return None
-        epoch = round(self.second_look_at * self.train.epochs)
-        return epoch if self.verify_epoch < epoch < self.train.epochs else None
+        return self._epoch_after_verdict(self.second_look_at)
 
     @property
     def late_look_epoch(self) -> int | None:
         """The epoch before which the late look is taken (after the verdict), or None."""
-        if self.late_look_at is None:
-            return None
-        epoch = round(self.late_look_at * self.train.epochs)
-        return epoch if self.verify_epoch < epoch < self.train.epochs else None
+        return self._epoch_after_verdict(self.late_look_at)
 
     @classmethod
     def for_profile(cls, profile: str) -> "QuarantineConfig":
