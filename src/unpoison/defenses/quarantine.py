@@ -85,6 +85,11 @@ class QuarantineConfig:
     quarantine_fraction: float = 0.2
     train: TrainConfig = field(default_factory=lambda: get_profile("quick").baseline)
     verify_at: float = 0.4               # share of the training epochs before the verdict
+    # how many optimizer steps an epoch takes. "kept": one pass over the kept images, so setting
+    # aside 20 % also takes 20 % of plain training's steps. "set": as many steps as plain training
+    # on the whole set takes, each filled with full batches drawn from the images trained on
+    # (a pass plus a random share of them again), at about plain training's cost
+    steps: Literal["kept", "set"] = "kept"
     # a second look: the kept images of a standing-out label that the model still
     # contradicts, past the first look's cut, are unlearned too (None: no second look)
     second_look_at: float | None = 0.7
@@ -115,6 +120,11 @@ class QuarantineConfig:
     # poison the probe ranked just below its cut, and set-aside poison the verdict does not doubt,
     # contradicted or not (None: off)
     alike_quantile: float | None = 0.05
+    # which set-aside alike images are unlearned: "all", or only those the verdict contradicts
+    # ("contradicted"; the agreed ones are then left out of training, neither trained on nor
+    # unlearned). An agreed image is a clean image of the label or poison whose trigger the model
+    # has partly learned; unlearning it is the one step that harms a clean image
+    alike_set_aside: Literal["all", "contradicted"] = "all"
     # after the verdict, quarantined images of labels that did not stand out, which the
     # verdict agrees with, go back to training
     release: bool = True
@@ -145,6 +155,10 @@ class QuarantineConfig:
     def __post_init__(self) -> None:
         if self.group_signal not in ("doubted", "contradicted"):
             raise ValueError(f"quarantine group_signal must be 'doubted' or 'contradicted', got {self.group_signal!r}")
+        if self.steps not in ("kept", "set"):
+            raise ValueError(f"quarantine steps must be 'kept' or 'set', got {self.steps!r}")
+        if self.alike_set_aside not in ("all", "contradicted"):
+            raise ValueError(f"quarantine alike_set_aside must be 'all' or 'contradicted', got {self.alike_set_aside!r}")
         if self.unlearn_loss not in ("margin", "relabel"):
             raise ValueError(f"quarantine unlearn_loss must be 'margin' or 'relabel', got {self.unlearn_loss!r}")
         if self.alike_quantile is not None and not 0 <= self.alike_quantile <= 1:
@@ -200,9 +214,10 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
     "images_per_epoch": mean images seen}."""
     recipe = cfg.train
     kept_index = kept.nonzero().flatten()
-    # the number of steps is fixed by the kept set (the schedule is per step); after the
-    # verdict the batches grow or shrink a little instead
-    steps = -(-len(kept_index) // recipe.batch_size)
+    # the number of steps is fixed (the schedule is per step), by the kept set or the whole set
+    # (cfg.steps); after the verdict the batches grow or shrink a little instead, or, with
+    # "set", stay full and draw some images twice
+    steps = -(-(len(kept_index) if cfg.steps == "kept" else len(data)) // recipe.batch_size)
     verdict, second, late = Verdict(), Verdict(), LateLook()
     engine = Engine(model, recipe.optim, ctx.runtime, name=name, epochs=recipe.epochs, steps_per_epoch=steps,
                     seed=ctx.seed, checkpoint_dir=ctx.checkpoints(), ema_decay=recipe.ema_decay,
@@ -244,6 +259,9 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
             train_index, unlearn_index = judged()["train"].nonzero().flatten(), plan["unlearn"].nonzero().flatten()
         else:
             train_index, unlearn_index = kept_index, torch.empty(0, dtype=torch.long)
+        if cfg.steps == "set":   # full batches: a pass over train_index, then a random share again
+            extra = max(0, steps * recipe.batch_size - len(train_index))
+            train_index = torch.cat([train_index, train_index[torch.randperm(len(train_index), generator=g)[:extra]]])
         batch_size = -(-len(train_index) // steps)   # at most `steps` batches
         train_batches = [train_index[b] for b in batch_indices(len(train_index), batch_size, g)]
         unlearn_shares = torch.tensor_split(unlearn_index[torch.randperm(len(unlearn_index), generator=g)],

@@ -156,6 +156,8 @@ def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num
             closeness = seed_similarity(features, known.nonzero().flatten(), cfg.probe.neighbours)
             bar = torch.quantile(closeness[known], cfg.alike_quantile)
             alike = (labels == c) & (closeness >= bar) & ~unlearn
+            if cfg.alike_set_aside == "contradicted":   # agreed set-aside images stay out instead
+                alike &= ~quarantined | contradicted
             unlearn |= alike
             group["kept_alike"], group["set_aside_alike"] = int((alike & ~quarantined).sum()), int((alike & quarantined).sum())
             if cfg.release_unlike is not None:
