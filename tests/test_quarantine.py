@@ -161,6 +161,29 @@ def test_judge_gives_back_the_target_labels_easy_clean_images_and_keeps_agreed_p
     _, _, groups = judge(_verdict(predicted, given), labels, quarantined, 2, replace(cfg, release_unlike=None),
                          features=features)
     assert "released_unlike" not in groups[0]
+    # with alike_set_aside="contradicted" the agreed poison is left out instead of unlearned
+    train, unlearn, groups = judge(_verdict(predicted, given), labels, quarantined, 2,
+                                   replace(cfg, alike_set_aside="contradicted"), features=features)
+    assert unlearn[:40].all() and not unlearn[40:].any() and not train[:50].any() and train[50:80].all()
+    assert groups[0]["set_aside_alike"] == 0
+
+
+@pytest.mark.parametrize("steps, per_epoch", [("kept", 416), ("set", 512)])
+def test_steps_come_from_the_kept_set_or_the_whole_set(tmp_path, steps, per_epoch):
+    # 96 of 512 images set aside; batches of 32. "kept": 13 steps, one pass over the 416 kept
+    # images. "set": 16 full batches, as plain training on all 512 takes, the kept images and a
+    # random 96 of them again
+    poisoned, _, _ = tiny_backdoor()
+    data = poisoned.untrusted()
+    quarantined = torch.zeros(len(data), dtype=torch.bool)
+    quarantined[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:96]] = True
+    recipe = replace(TOY_RECIPE, epochs=1)
+    cfg = replace(build_defense("quarantine", "smoke").config, train=recipe, steps=steps)
+    ctx = _ctx(tmp_path)
+    _, _, plan = train_with_unlearning(ctx.new_model(data), data, ~quarantined, quarantined, ctx, cfg)
+    assert plan["images_per_epoch"] == per_epoch
+    with pytest.raises(ValueError, match="steps"):
+        replace(cfg, steps="all")
 
 
 @pytest.mark.slow
