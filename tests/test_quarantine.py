@@ -151,7 +151,7 @@ def test_judge_gives_back_the_target_labels_easy_clean_images_and_keeps_agreed_p
     predicted = torch.where(given > 0.5, labels, 1 - labels)
     features = torch.randn(400, 16, generator=g)
     features[:50] = torch.randn(50, 16, generator=g) * 0.2 + torch.eye(16)[0] * 3
-    cfg = QuarantineConfig(group_min_excess=0.02)
+    cfg = QuarantineConfig(group_min_excess=0.02, alike_agreed_quantile=0.05)
     train, unlearn, groups = judge(_verdict(predicted, given), labels, quarantined, 2, cfg, features=features)
     assert groups[0]["unlearned"] and groups[0]["released_unlike"] == 30
     assert unlearn[:40].all() and not train[:50].any() and train[50:80].all()
@@ -161,9 +161,10 @@ def test_judge_gives_back_the_target_labels_easy_clean_images_and_keeps_agreed_p
     _, _, groups = judge(_verdict(predicted, given), labels, quarantined, 2, replace(cfg, release_unlike=None),
                          features=features)
     assert "released_unlike" not in groups[0]
-    # with alike_set_aside="contradicted" the agreed poison is left out instead of unlearned
+    # agreed set-aside images are unlearned only when as close as alike_agreed_quantile of the
+    # known poison: at 1.0 (closer than all of it) none is, and the agreed poison is left out
     train, unlearn, groups = judge(_verdict(predicted, given), labels, quarantined, 2,
-                                   replace(cfg, alike_set_aside="contradicted"), features=features)
+                                   replace(cfg, alike_agreed_quantile=1.0), features=features)
     assert unlearn[:40].all() and not unlearn[40:].any() and not train[:50].any() and train[50:80].all()
     assert groups[0]["set_aside_alike"] == 0
 

@@ -86,10 +86,11 @@ class QuarantineConfig:
     train: TrainConfig = field(default_factory=lambda: get_profile("quick").baseline)
     verify_at: float = 0.4               # share of the training epochs before the verdict
     # how many optimizer steps an epoch takes. "kept": one pass over the kept images, so setting
-    # aside 20 % also takes 20 % of plain training's steps. "set": as many steps as plain training
-    # on the whole set takes, each filled with full batches drawn from the images trained on
-    # (a pass plus a random share of them again), at about plain training's cost
-    steps: Literal["kept", "set"] = "kept"
+    # aside 20 % also took 20 % of plain training's steps (v6; seed-1 BadNets 78.52 CA). "set": as
+    # many steps as plain training on the whole set takes, in full batches drawn from the images
+    # trained on (a pass plus a random share of them again), at about plain training's cost
+    # (the same cell 81.72; benchmarks/RESULTS.md, quarantine v7)
+    steps: Literal["kept", "set"] = "set"
     # a second look: the kept images of a standing-out label that the model still
     # contradicts, past the first look's cut, are unlearned too (None: no second look)
     second_look_at: float | None = 0.7
@@ -120,11 +121,14 @@ class QuarantineConfig:
     # poison the probe ranked just below its cut, and set-aside poison the verdict does not doubt,
     # contradicted or not (None: off)
     alike_quantile: float | None = 0.05
-    # which set-aside alike images are unlearned: "all", or only those the verdict contradicts
-    # ("contradicted"; the agreed ones are then left out of training, neither trained on nor
-    # unlearned). An agreed image is a clean image of the label or poison whose trigger the model
-    # has partly learned; unlearning it is the one step that harms a clean image
-    alike_set_aside: Literal["all", "contradicted"] = "all"
+    # ... but of the set-aside images the verdict agrees with, only those at least as close as this
+    # quantile of the known poison's closeness; the other agreed alike images are left out of
+    # training, neither trained on nor unlearned. An agreed set-aside image is a clean image of
+    # the label or poison whose trigger the model has partly learned, and unlearning it is the one
+    # step that harms a clean image. v6 used alike_quantile (0.05) for them too: on TrojanNN that
+    # unlearned 472 agreed clean airplanes with 471 agreed poison (airplane accuracy 54-60 %,
+    # against 85 % for a clean model); at 0.25, 14 clean with 360 poison (benchmarks/RESULTS.md, v7)
+    alike_agreed_quantile: float = 0.25
     # after the verdict, quarantined images of labels that did not stand out, which the
     # verdict agrees with, go back to training
     release: bool = True
@@ -157,8 +161,6 @@ class QuarantineConfig:
             raise ValueError(f"quarantine group_signal must be 'doubted' or 'contradicted', got {self.group_signal!r}")
         if self.steps not in ("kept", "set"):
             raise ValueError(f"quarantine steps must be 'kept' or 'set', got {self.steps!r}")
-        if self.alike_set_aside not in ("all", "contradicted"):
-            raise ValueError(f"quarantine alike_set_aside must be 'all' or 'contradicted', got {self.alike_set_aside!r}")
         if self.unlearn_loss not in ("margin", "relabel"):
             raise ValueError(f"quarantine unlearn_loss must be 'margin' or 'relabel', got {self.unlearn_loss!r}")
         if self.alike_quantile is not None and not 0 <= self.alike_quantile <= 1:
@@ -169,7 +171,7 @@ class QuarantineConfig:
             raise ValueError(f"quarantine late_look_at must lie in [0, 1], got {self.late_look_at}")
         if self.release_unlike is not None and not 0 <= self.release_unlike <= 1:
             raise ValueError(f"quarantine release_unlike must lie in [0, 1], got {self.release_unlike}")
-        for name in ("quarantine_fraction", "verify_at", "doubt_quantile", "recheck_seed_fraction", "recheck_fraction",
+        for name in ("quarantine_fraction", "verify_at", "alike_agreed_quantile", "doubt_quantile", "recheck_seed_fraction", "recheck_fraction",
                      "repair_min_fraction", "trusted_fraction"):
             value = getattr(self, name)
             if not 0 <= value <= 1:

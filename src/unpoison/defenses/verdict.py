@@ -155,9 +155,9 @@ def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num
         if features is not None and cfg.alike_quantile is not None and int(known.sum()) >= 2:
             closeness = seed_similarity(features, known.nonzero().flatten(), cfg.probe.neighbours)
             bar = torch.quantile(closeness[known], cfg.alike_quantile)
+            agreed_bar = torch.quantile(closeness[known], cfg.alike_agreed_quantile)
             alike = (labels == c) & (closeness >= bar) & ~unlearn
-            if cfg.alike_set_aside == "contradicted":   # agreed set-aside images stay out instead
-                alike &= ~quarantined | contradicted
+            alike &= ~quarantined | contradicted | (closeness >= agreed_bar)   # the rest stay out
             unlearn |= alike
             group["kept_alike"], group["set_aside_alike"] = int((alike & ~quarantined).sum()), int((alike & quarantined).sum())
             if cfg.release_unlike is not None:
