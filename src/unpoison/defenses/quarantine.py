@@ -23,7 +23,8 @@ Why this shape (measurements in benchmarks/RESULTS.md, "The default defence"):
 
 Stages:
   1. probe       seed expansion on the whole set; the top `quarantine_fraction` are set aside.
-  2. train       the profile's recipe on the kept images. After `verify_at` of the epochs,
+  2. train       the profile's recipe on the kept images, with as many optimizer steps per
+                 epoch as plain training on the whole set (`steps`). After `verify_at` of the epochs,
                  the EMA model labels every image (the verdict, kept in the checkpoint), and
                  `judge` decides: a label group stands out when its quarantined images are
                  doubted (given less probability for their label than `doubt_quantile` of
@@ -31,7 +32,8 @@ Stages:
                  `group_min_excess` of the set in excess); its known poison (quarantined,
                  contradicted and doubted), the images of the label, kept or quarantined, as
                  close to them in the probe's features as they are to each other
-                 (`alike_quantile`), and its kept images contradicted as surely
+                 (`alike_quantile`; the set-aside ones the verdict agrees with, closer still:
+                 `alike_agreed_quantile`), and its kept images contradicted as surely
                  (`kept_quantile` of the known poison's probability), are unlearned from
                  then on, each batch carrying a share of them with a margin loss that pushes
                  their given label a logit below the best other class, and a cross-entropy

@@ -133,7 +133,10 @@ def judge(verdict: Verdict, labels: torch.Tensor, quarantined: torch.Tensor, num
     itself are unlearned too, contradicted or not: the probe learned the trigger, so in its
     features the poison it ranked below the cut, and the set-aside poison the verdict model
     half-believes (contradicted but not doubted, or agreed with), still sit with the poison it
-    caught, not with the clean images of the label. By the same features, with `release_unlike`, the quarantined images of
+    caught, not with the clean images of the label. A set-aside image the verdict agrees with must
+    lie closer still (`alike_agreed_quantile`): the label's easy clean images sit near its poison
+    too, and unlearning a clean image is the one step that costs accuracy; the agreed alike images
+    below that bar stay out of training. By the same features, with `release_unlike`, the quarantined images of
     a standing-out label that the early model agrees with and that lie farther from its known
     poison than all but `release_unlike` of the known poison go back into training: the easy clean images of the target class the
     probe set aside with the poison (an agreed poisoned image, its trigger learned, still sits
