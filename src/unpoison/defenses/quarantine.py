@@ -83,7 +83,8 @@ class QuarantineConfig:
     # share of the set the probe sets aside. 0.2, not 0.1: with 0.1 the poison the probe ranks
     # below its top (~400 images on Blended) taught the trigger before the verdict, so nothing stood
     # out (WRN-16-1 Blended seed 0: 99.99 % ASR; QuickNet the same); 0.1 kept ~1 point more CA where
-    # it worked, when the steps were the kept set's (v6; not re-measured with steps='set') (benchmarks/RESULTS.md, quarantine v5 and v6)
+    # it worked, with v6's steps (the kept set's; not re-measured with steps="set")
+    # (benchmarks/RESULTS.md, quarantine v5 and v6)
     quarantine_fraction: float = 0.2
     train: TrainConfig = field(default_factory=lambda: get_profile("quick").baseline)
     verify_at: float = 0.4               # share of the training epochs before the verdict
