@@ -197,7 +197,10 @@ def test_training_with_unlearning_holds_off_the_toy_backdoor_that_plain_training
     assert plain["asr"] > 0.9
     data = poisoned.untrusted()
     poison, clean = poisoned.is_poison.nonzero().flatten(), (~poisoned.is_poison).nonzero().flatten()
-    cfg = replace(build_defense("quarantine", "smoke").config, train=TOY_RECIPE)
+    # steps="kept": on this toy, plain training's step count (16 against 13 a toy epoch) lets the
+    # kept fifth of the poison teach the trigger before the verdict on most seeds; the claim here
+    # is the unlearning's, on CIFAR-10 "set" is measured (benchmarks/RESULTS.md, quarantine v7)
+    cfg = replace(build_defense("quarantine", "smoke").config, train=TOY_RECIPE, steps="kept")
     runs = []
     for seed in TOY_SEEDS:
         g = torch.Generator().manual_seed(seed)
