@@ -174,8 +174,8 @@ class QuarantineConfig:
             raise ValueError(f"quarantine late_look_at must lie in [0, 1], got {self.late_look_at}")
         if self.release_unlike is not None and not 0 <= self.release_unlike <= 1:
             raise ValueError(f"quarantine release_unlike must lie in [0, 1], got {self.release_unlike}")
-        for name in ("quarantine_fraction", "verify_at", "alike_agreed_quantile", "doubt_quantile", "recheck_seed_fraction", "recheck_fraction",
-                     "repair_min_fraction", "trusted_fraction"):
+        for name in ("quarantine_fraction", "verify_at", "alike_agreed_quantile", "doubt_quantile",
+                     "recheck_seed_fraction", "recheck_fraction", "repair_min_fraction", "trusted_fraction"):
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ValueError(f"quarantine {name} must lie in [0, 1], got {value}")
