@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="probe recipe override KEY=VALUE")
     parser.add_argument("--model", default="wrn16-1")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", default=None, help="save each epoch's features, logits, labels and mask "
+                                                      "here (SAVE-epochN.pt), to try other scores offline")
     args = parser.parse_args()
     params = {k: eval(v, {}) for k, v in (p.split("=", 1) for p in args.param)}
     recipe = apply_overrides(sl_recipe("quick"), {k: eval(v, {}) if v[:1].isdigit() or v in ("None", "True", "False")
@@ -66,7 +68,11 @@ def main() -> None:
         model = engine.eval_model.eval()
         logits = predict(model, data.images, runtime).float()
         seeds = torch.argsort(prediction_entropy(logits), stable=True)[: max(2, len(data) // 100)]
-        scores = seed_similarity(extract_features(model, data.images, runtime), seeds, 10)
+        features = extract_features(model, data.images, runtime)
+        scores = seed_similarity(features, seeds, 10)
+        if args.save:
+            torch.save({"features": features.float(), "logits": logits, "labels": data.labels, "poison": poison},
+                       f"{args.save}-epoch{epoch + 1}.pt")
         auroc = detection_metrics(scores, poison)["auroc"]
         asr = backdoor_metrics(model, test, attack, runtime, backdoor)["asr"]
         print(f"epoch {epoch + 1}: ASR {asr:.3f} | seeds poison {float(poison[seeds].float().mean()):.2f} | "

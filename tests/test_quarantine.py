@@ -11,7 +11,7 @@ import torch
 from toy_backdoor import TOY_SEEDS, tiny_backdoor, train_toy_backdoored
 from unpoison.defenses import build_defense
 from unpoison.defenses.base import DefenseContext
-from unpoison.defenses.quarantine import QuarantineConfig, Quarantine, train_with_unlearning
+from unpoison.defenses.quarantine import QuarantineConfig, Quarantine, set_aside, train_with_unlearning
 from unpoison.defenses.verdict import LateLook, Verdict, contradicted_groups, judge
 from unpoison.data.imageset import ImageSet
 from unpoison.metrics import backdoor_metrics
@@ -244,7 +244,27 @@ def test_on_data_it_cannot_judge_it_says_so_and_trains_plainly(tmp_path, counts,
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="verify_at"):
         QuarantineConfig(verify_at=1.5)
+    with pytest.raises(ValueError, match="spectral_fraction"):
+        QuarantineConfig(quarantine_fraction=0.1, spectral_fraction=0.2)
     assert Quarantine.for_profile("quick").config.train.epochs == 10
+
+
+def test_spectral_share_sets_aside_a_rare_poison_that_seed_expansion_ranks_low():
+    # 1,000 images in 4 labels; 20 of label 0 share a shift along one feature direction (a
+    # trigger the probe half learned), and seed expansion ranked them last
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(1000) % 4
+    features = torch.randn(1000, 16, generator=g) + 3 * torch.nn.functional.one_hot(labels, 16)
+    poison = (labels == 0) & (torch.arange(1000) < 80)
+    features[poison, 7] += 6.0
+    expand_scores = torch.rand(1000, generator=g) - poison.float()
+    data = ImageSet(torch.zeros(1000, 3, 2, 2, dtype=torch.uint8), labels, [str(c) for c in range(4)])
+    alone = set_aside(expand_scores, features, data, QuarantineConfig(quarantine_fraction=0.2))
+    both = set_aside(expand_scores, features, data, QuarantineConfig(quarantine_fraction=0.2, spectral_fraction=0.1))
+    assert alone.sum() == both.sum() == 200
+    assert (alone & poison).sum() == 0 and (both & poison).sum() == poison.sum()
+    # the expansion's own top 10 % stays set aside
+    assert both[torch.argsort(expand_scores, descending=True)[:100]].all()
 
 
 @pytest.mark.slow

@@ -22,7 +22,9 @@ Why this shape (measurements in benchmarks/RESULTS.md, "The default defence"):
   on CIFAR-10 it fired on clean sets too and cost accuracy.
 
 Stages:
-  1. probe       seed expansion on the whole set; the top `quarantine_fraction` are set aside.
+  1. probe       seed expansion on the whole set; its top `quarantine_fraction` are set aside
+                 (with `spectral_fraction` > 0, part of that share goes instead to the images
+                 furthest along their label's top direction in the probe's features).
   2. train       the profile's recipe on the kept images, with as many optimizer steps per
                  epoch as plain training on the whole set (`steps`). After `verify_at` of the epochs,
                  the EMA model labels every image (the verdict, kept in the checkpoint), and
@@ -65,6 +67,7 @@ from ..context import train_standard
 from ..data.batches import batch_indices
 from ..data.imageset import ImageSet
 from ..detect.expand import ExpandConfig, SeedExpansion
+from ..detect.spectral import spectral_scores
 from ..profiles import get_profile
 from ..runtime import generator
 from ..train.engine import Engine
@@ -86,6 +89,13 @@ class QuarantineConfig:
     # it worked, with v6's steps (the kept set's; not re-measured with steps="set")
     # (benchmarks/RESULTS.md, quarantine v5 and v6)
     quarantine_fraction: float = 0.2
+    # of that share, how much is taken by the spectral signature (detect/spectral.py) of the
+    # probe's features among the images seed expansion did not rank in its top
+    # (quarantine_fraction - spectral_fraction); 0: seed expansion alone (v7). Why: at a low
+    # poison rate the probe's most confident images are clean, seed expansion has no poisoned
+    # seeds to expand, while the poison, a few percent of its label, still lies along that
+    # label's top feature direction (benchmarks/RESULTS.md, quarantine v8)
+    spectral_fraction: float = 0.0
     train: TrainConfig = field(default_factory=lambda: get_profile("quick").baseline)
     verify_at: float = 0.4               # share of the training epochs before the verdict
     # how many optimizer steps an epoch takes. "kept": one pass over the kept images, so setting
@@ -174,6 +184,9 @@ class QuarantineConfig:
             raise ValueError(f"quarantine late_look_at must lie in [0, 1], got {self.late_look_at}")
         if self.release_unlike is not None and not 0 <= self.release_unlike <= 1:
             raise ValueError(f"quarantine release_unlike must lie in [0, 1], got {self.release_unlike}")
+        if not 0 <= self.spectral_fraction <= self.quarantine_fraction:
+            raise ValueError(f"quarantine spectral_fraction must lie in [0, quarantine_fraction], "
+                             f"got {self.spectral_fraction}")
         for name in ("quarantine_fraction", "verify_at", "alike_agreed_quantile", "doubt_quantile",
                      "recheck_seed_fraction", "recheck_fraction", "repair_min_fraction", "trusted_fraction"):
             value = getattr(self, name)
@@ -295,6 +308,22 @@ def train_with_unlearning(model: nn.Module, data: ImageSet, kept: torch.Tensor, 
     return trained, verdict, plan
 
 
+def set_aside(expand_scores: torch.Tensor, features: torch.Tensor, data: ImageSet,
+              cfg: QuarantineConfig) -> torch.Tensor:
+    """Stage 1's quarantine: seed expansion's top, then, among the rest, the images furthest
+    along their label's top feature direction (`spectral_fraction` of the set)."""
+    n = len(data)
+    quarantined = torch.zeros(n, dtype=torch.bool)
+    by_expansion = int(round(n * (cfg.quarantine_fraction - cfg.spectral_fraction)))
+    quarantined[torch.argsort(expand_scores, descending=True, stable=True)[:by_expansion]] = True
+    by_spectrum = int(round(n * cfg.quarantine_fraction)) - by_expansion
+    if by_spectrum > 0:
+        rest = (~quarantined).nonzero().flatten()
+        signature = spectral_scores(features[rest], data.labels[rest], data.num_classes)
+        quarantined[rest[torch.argsort(signature, descending=True, stable=True)[:by_spectrum]]] = True
+    return quarantined
+
+
 class Quarantine(Defense):
     name = "quarantine"
     Config = QuarantineConfig
@@ -309,9 +338,7 @@ class Quarantine(Defense):
 
         detection = SeedExpansion(cfg.probe).detect(data, ctx)
         timer.records.extend(detection.stages)
-        quarantined = torch.zeros(len(data), dtype=torch.bool)
-        quarantined[torch.argsort(detection.scores, descending=True, stable=True)[
-            : int(round(len(data) * cfg.quarantine_fraction))]] = True
+        quarantined = set_aside(detection.scores, detection.info["features"], data, cfg)
         kept = ~quarantined
 
         features = detection.info["features"] if cfg.alike_quantile is not None else None
