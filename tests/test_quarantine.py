@@ -78,6 +78,28 @@ def test_doubted_finds_a_poisoned_group_that_the_kept_error_hides_and_no_easy_cl
     assert unlearn[:50].all() and not unlearn[300:].any()
 
 
+def test_a_doubted_group_its_kept_images_are_contradicted_more_often_than_is_not_poisoned():
+    # GTSRB's near-copies: the set-aside images of a clean label (a track the model never saw)
+    # get less probability than its memorised kept images, but are contradicted less often
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 300 + [1] * 300)
+    quarantined = torch.zeros(600, dtype=torch.bool)
+    quarantined[:100] = quarantined[300:400] = True
+    given = torch.rand(600, generator=g) * 0.3 + 0.7              # kept images: memorised
+    given[:50] = torch.rand(50, generator=g) * 0.01               # poison of label 0
+    given[300:400] = torch.rand(100, generator=g) * 0.6 + 0.3     # unseen clean track of label 1
+    predicted = labels.clone()
+    predicted[:50] = 1
+    predicted[400:600:2] = 0                                       # kept label 1: 50 % error
+    predicted[300:400:4] = 0                                       # the unseen track: 25 %
+    cfg = QuarantineConfig(group_min_excess=0.02)
+    _, unlearn, groups = judge(_verdict(predicted, given), labels, quarantined, 2, replace(cfg, confirm_contradicted=False))
+    assert [g["unlearned"] for g in groups] == [True, True]
+    _, unlearn, groups = judge(_verdict(predicted, given), labels, quarantined, 2, cfg)
+    assert [g["unlearned"] for g in groups] == [True, False]
+    assert unlearn[:50].all() and not unlearn[300:].any()
+
+
 def _verdict(predicted, given_prob) -> Verdict:
     verdict = Verdict()
     verdict.load_state_dict({"predicted": torch.as_tensor(predicted), "given_prob": torch.as_tensor(given_prob)})
