@@ -55,7 +55,6 @@ defaults.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -70,20 +69,18 @@ from ..detect.entropy import sl_recipe
 from ..detect.expand import ExpandConfig, SeedExpansion
 from ..detect.spectral import spectral_scores
 from ..profiles import get_profile
-from ..runtime import generator
 from ..train.engine import Engine
 from ..train.supervised import DeviceData, TrainConfig, extract_features
-from ..train.unlearn import UnlearnConfig, suspected_accuracy, unlearn, unlearning_loss
+from ..train.unlearn import UnlearnConfig, unlearning_loss
 from .base import Defense, DefenseContext, DefenseResult, StageTimer
 from .dbr import DBRConfig
-from .verdict import MIN_REPAIR, LateLook, Verdict, explain, judge, late_learned
+from .verdict import MIN_REPAIR, LateLook, Verdict, explain, judge, late_learned, repair_late
 
 MIN_PER_CLASS = 10   # below this many images in a class the probe's seeds mean nothing
 
 
 def spectral_probe_recipe(profile: str) -> TrainConfig:
-    """The probe's SL recipe with the training recipe's augmentation, at ten times its lr and
-    one epoch longer: it learns a rare trigger that survives augmentation."""
+    """DLP's SL recipe with augmentation, ten times its lr, one epoch more: it learns a rare blend."""
     recipe = sl_recipe(profile)
     return replace(recipe, augment="weak", epochs=recipe.epochs + 1, optim=replace(recipe.optim, lr=recipe.optim.lr * 10))
 
@@ -97,17 +94,11 @@ class QuarantineConfig:
     # it worked, with v6's steps (the kept set's; not re-measured with steps="set")
     # (benchmarks/RESULTS.md, quarantine v5 and v6)
     quarantine_fraction: float = 0.2
-    # of that share, how much is taken by the spectral signature (detect/spectral.py) of the
-    # probe's features among the images seed expansion did not rank in its top
-    # (quarantine_fraction - spectral_fraction); 0: seed expansion alone (v7). Why: at a low
-    # poison rate the probe's most confident images are clean, seed expansion has no poisoned
-    # seeds to expand, while the poison, a few percent of its label, still lies along that
-    # label's top feature direction (benchmarks/RESULTS.md, quarantine v8)
+    # of that share, the part taken among the rest by the spectral signature (detect/spectral.py)
+    # of `spectral_probe`'s features (0: seed expansion alone). At a 1 % rate the probe's most
+    # confident images are clean, so expansion has nothing to expand, while the poison still lies
+    # along its label's top feature direction; measured, not yet the default (RESULTS.md, v8)
     spectral_fraction: float = 0.0
-    # the recipe of a second probe whose features the spectral share reads. The probe's short low-lr run ranks a 10 % patch or blend well but has not learned a
-    # 1 % blend; a run with augmentation at lr 0.1 learns the 1 % blend (SL ASR 98 %) but not a
-    # 10 % corner patch, which augmentation moves (SL ASR 11 %): each probe covers the other's
-    # miss (benchmarks/RESULTS.md, quarantine v8)
     spectral_probe: TrainConfig = field(default_factory=lambda: spectral_probe_recipe("quick"))
     train: TrainConfig = field(default_factory=lambda: get_profile("quick").baseline)
     verify_at: float = 0.4               # share of the training epochs before the verdict
@@ -136,10 +127,9 @@ class QuarantineConfig:
     # (benchmarks/RESULTS.md, quarantine v5)
     group_signal: Literal["doubted", "contradicted"] = "doubted"
     doubt_quantile: float = 0.1
-    # ... and, with "doubted", the group's set-aside images must not be contradicted less often
-    # than its kept images (by group_z standard errors): v7 on GTSRB Blended unlearned a clean label whose set-aside
-    # images were doubted (26 % against 10 %) but contradicted less than its kept ones (70 %
-    # against 77 %), and lost 4.8 points of CA (benchmarks/RESULTS.md, quarantine v8)
+    # ... and, with "doubted", its set-aside images must not be contradicted less often than its
+    # kept images (by group_z standard errors): v7 unlearned a clean GTSRB label doubted 26 %
+    # against 10 % but contradicted 70 % against 77 %, -4.8 points of CA (RESULTS.md, v8)
     confirm_contradicted: bool = True
     # ... and hold at least this share of the set in contradicted images beyond the kept error
     group_min_excess: float = 0.005
@@ -382,8 +372,8 @@ class Quarantine(Defense):
         repaired = bool(late.sum() >= max(MIN_REPAIR, cfg.repair_min_fraction * len(data)))
         undone = False
         if repaired:
-            model, undone = timer.run("repair", cfg.repair.epochs, lambda: self.repair(model, data, plan["train"], late,
-                                                                                        recheck_score, ctx),
+            model, undone = timer.run("repair", cfg.repair.epochs, lambda: repair_late(model, data, plan["train"], late,
+                                                                                        ctx, cfg),
                                       model_of=lambda out: out[0])
             repaired = not undone
 
@@ -395,27 +385,6 @@ class Quarantine(Defense):
         notes = explain(cfg, data, quarantined, plan, late, repaired, undone)
         return DefenseResult(model, suspicion=suspicion, flagged=flagged, trusted=trusted, stages=timer.records,
                              notes=notes)
-
-    def repair(self, model: nn.Module, data: ImageSet, trained: torch.Tensor, late: torch.Tensor,
-               recheck_score: torch.Tensor, ctx: DefenseContext) -> tuple[nn.Module, bool]:
-        """Stage 4: D-BR's loop (train/unlearn.py), ascent on the late set, descent on a random share of the kept
-        images trained on. Returns (model, undone): the input model when the repair cost the trusted
-        images more than `repair_tolerance` of their accuracy."""
-        cfg = self.config
-        g = generator(ctx.seed, "quarantine-trusted")
-        pool = (trained & ~late).nonzero().flatten()
-        trusted = torch.zeros(len(data), dtype=torch.bool)
-        trusted[pool[torch.randperm(len(pool), generator=g)[: int(round(len(pool) * cfg.trusted_fraction))]]] = True
-        trusted_images = data.subset(trusted.nonzero().flatten())
-        trusted_set = DeviceData(trusted_images, ctx.runtime)
-        repaired = unlearn(copy.deepcopy(model).requires_grad_(True), data.subset(late.nonzero().flatten()), cfg.repair,
-                           ctx.runtime, trusted=trusted_images, name="repair", seed=ctx.seed,
-                           checkpoint_dir=ctx.checkpoints(), log_path=ctx.log_path,
-                           on_epoch_end=ctx.epoch_hook("repair"), progress=ctx.progress)
-        before, after = suspected_accuracy(model, trusted_set), suspected_accuracy(repaired, trusted_set)
-        if after < before - cfg.repair_tolerance:
-            return model, True
-        return repaired, False
 
     @staticmethod
     def cannot_judge(data: ImageSet) -> str | None:

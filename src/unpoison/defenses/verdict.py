@@ -4,12 +4,13 @@
 `Verdict`: the early model's predicted class and given-label probability for every image.
 `contradicted_groups` and `doubted`: which label groups of the quarantine hold poison. `judge`: which
 images to train on and which to unlearn from the verdict on. `LateLook`: the same judgement,
-later in training, of the model in training's own suspects. `late_learned`: the optional
-recheck after training.
+later in training, of the model in training's own suspects. `late_learned` and `repair_late`:
+the optional recheck after training and its repair.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,9 @@ from torch import nn
 from ..data.imageset import ImageSet
 from ..detect.entropy import prediction_entropy
 from ..detect.expand import seed_similarity
-from ..train.supervised import extract_features, predict
+from ..runtime import generator
+from ..train.supervised import DeviceData, extract_features, predict
+from ..train.unlearn import suspected_accuracy, unlearn
 from .base import DefenseContext
 
 MIN_REPAIR = 20      # a late set smaller than this is noise, not a backdoor worth an ascent
@@ -257,6 +260,27 @@ def late_learned(model: nn.Module, data: ImageSet, verdict: Verdict, quarantined
     top = torch.zeros(len(data), dtype=torch.bool)
     top[torch.argsort(score, descending=True, stable=True)[: int(round(len(data) * cfg.recheck_fraction))]] = True
     return top & candidates, score
+
+
+def repair_late(model: nn.Module, data: ImageSet, trained: torch.Tensor, late: torch.Tensor, ctx: DefenseContext,
+                cfg: QuarantineConfig) -> tuple[nn.Module, bool]:
+    """Quarantine's stage 4: D-BR's loop (train/unlearn.py), ascent on the late set, descent on a
+    random share of the kept images trained on. Returns (model, undone): the input model when
+    the repair cost the trusted images more than `repair_tolerance` of their accuracy."""
+    g = generator(ctx.seed, "quarantine-trusted")
+    pool = (trained & ~late).nonzero().flatten()
+    trusted = torch.zeros(len(data), dtype=torch.bool)
+    trusted[pool[torch.randperm(len(pool), generator=g)[: int(round(len(pool) * cfg.trusted_fraction))]]] = True
+    trusted_images = data.subset(trusted.nonzero().flatten())
+    trusted_set = DeviceData(trusted_images, ctx.runtime)
+    repaired = unlearn(copy.deepcopy(model).requires_grad_(True), data.subset(late.nonzero().flatten()), cfg.repair,
+                       ctx.runtime, trusted=trusted_images, name="repair", seed=ctx.seed,
+                       checkpoint_dir=ctx.checkpoints(), log_path=ctx.log_path,
+                       on_epoch_end=ctx.epoch_hook("repair"), progress=ctx.progress)
+    before, after = suspected_accuracy(model, trusted_set), suspected_accuracy(repaired, trusted_set)
+    if after < before - cfg.repair_tolerance:
+        return model, True
+    return repaired, False
 
 
 def explain(cfg: QuarantineConfig, data: ImageSet, quarantined: torch.Tensor, plan: dict, late: torch.Tensor,
