@@ -12,7 +12,7 @@ from toy_backdoor import TOY_SEEDS, tiny_backdoor, train_toy_backdoored
 from unpoison.defenses import build_defense
 from unpoison.defenses.base import DefenseContext
 from unpoison.defenses.quarantine import QuarantineConfig, Quarantine, set_aside, train_with_unlearning
-from unpoison.defenses.verdict import LateLook, Verdict, contradicted_groups, judge
+from unpoison.defenses.verdict import LateLook, Verdict, contradicted_groups, judge, repair_late
 from unpoison.data.imageset import ImageSet
 from unpoison.metrics import backdoor_metrics
 from unpoison.runtime import Runtime
@@ -335,7 +335,7 @@ def test_recheck_and_repair_never_leave_a_worse_model_on_the_toy(tmp_path):
     data = poisoned.untrusted()
     late = torch.zeros(len(data), dtype=torch.bool)
     late[(~poisoned.is_poison).nonzero().flatten()[:30]] = True
-    repaired, undone = defense.repair(result.model, data, ~late, late, torch.zeros(len(data)), _ctx(tmp_path / "r"))
+    repaired, undone = repair_late(result.model, data, ~late, late, _ctx(tmp_path / "r"), defense.config)
     assert (repaired is result.model) == undone
 
 
