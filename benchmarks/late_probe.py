@@ -16,12 +16,10 @@ import argparse
 import os
 
 import torch
-import torch.nn.functional as F
 
 from unpoison.attacks import build_attack
 from unpoison.context import DefenseContext
 from unpoison.data import load_dataset
-from unpoison.data.batches import batch_indices
 from unpoison.detect.entropy import prediction_entropy
 from unpoison.detect.expand import seed_similarity
 from unpoison.defenses.verdict import doubted
@@ -29,7 +27,7 @@ from unpoison.metrics import backdoor_metrics
 from unpoison.profiles import model_recipe
 from unpoison.runtime import Runtime, generator
 from unpoison.train.engine import Engine
-from unpoison.train.supervised import DeviceData, extract_features, predict
+from unpoison.train.supervised import DeviceData, extract_features, predict, supervised_epoch
 
 
 def group_test(given: torch.Tensor, labels: torch.Tensor, top: torch.Tensor, num_classes: int) -> list[tuple]:
@@ -77,12 +75,10 @@ def main() -> None:
     n_top = int(round(len(data) * args.fraction))
     verdict: list[torch.Tensor] = []
 
-    def epoch_fn(engine: Engine, epoch: int, g: torch.Generator) -> dict:
-        def loss_fn(batch: torch.Tensor) -> torch.Tensor:
-            x, y = device_data.batch(batch, recipe.augment, g)
-            return F.cross_entropy(engine.model(x), y, label_smoothing=recipe.label_smoothing)
+    train_pass = supervised_epoch(device_data, recipe.batch_size, recipe.augment, recipe.label_smoothing)
 
-        engine.run_pass(list(batch_indices(len(data), recipe.batch_size, g)), loss_fn)
+    def epoch_fn(engine: Engine, epoch: int, g: torch.Generator) -> dict:
+        train_pass(engine, epoch, g)
         model = engine.eval_model.eval()
         logits = predict(model, data.images, runtime).float()
         given = torch.softmax(logits, 1).gather(1, data.labels[:, None]).squeeze(1)

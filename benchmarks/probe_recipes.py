@@ -16,19 +16,17 @@ import argparse
 import os
 
 import torch
-import torch.nn.functional as F
 
 from unpoison.attacks import build_attack
 from unpoison.config import apply_overrides
 from unpoison.context import DefenseContext
 from unpoison.data import load_dataset
-from unpoison.data.batches import batch_indices
 from unpoison.detect.entropy import prediction_entropy, sl_recipe
 from unpoison.detect.expand import seed_similarity
 from unpoison.metrics import backdoor_metrics, detection_metrics, recall_at_fraction
 from unpoison.runtime import Runtime, generator
 from unpoison.train.engine import Engine
-from unpoison.train.supervised import DeviceData, extract_features, predict
+from unpoison.train.supervised import DeviceData, extract_features, predict, supervised_epoch
 
 
 def main() -> None:
@@ -57,14 +55,10 @@ def main() -> None:
     engine = Engine(ctx.new_model(data), recipe.optim, runtime, name="SL", epochs=recipe.epochs,
                     steps_per_epoch=-(-len(data) // recipe.batch_size), seed=args.seed,
                     ema_decay=recipe.ema_decay, progress=False)
-    device_data = DeviceData(data, runtime)
+    train_pass = supervised_epoch(DeviceData(data, runtime), recipe.batch_size, recipe.augment, recipe.label_smoothing)
 
     def epoch_fn(engine: Engine, epoch: int, g: torch.Generator) -> dict:
-        def loss_fn(batch: torch.Tensor) -> torch.Tensor:
-            x, y = device_data.batch(batch, recipe.augment, g)
-            return F.cross_entropy(engine.model(x), y, label_smoothing=recipe.label_smoothing)
-
-        engine.run_pass(list(batch_indices(len(data), recipe.batch_size, g)), loss_fn)
+        train_pass(engine, epoch, g)
         model = engine.eval_model.eval()
         logits = predict(model, data.images, runtime).float()
         seeds = torch.argsort(prediction_entropy(logits), stable=True)[: max(2, len(data) // 100)]

@@ -93,7 +93,7 @@ def contradicted_groups(contradicted: torch.Tensor, quarantined: torch.Tensor, l
         chosen = z is None or (rate > base + z * spread and excess >= min_excess * len(labels))
         error = float(contradicted[kept].float().mean()) if kept.any() else 0.0
         contradicted_rate = float(contradicted[group].float().mean())
-        if chosen and confirm and signal is not contradicted:
+        if chosen and confirm and z is not None and signal is not contradicted:
             chosen = contradicted_rate >= error - z * (max(error * (1 - error), 1e-4) / int(group.sum())) ** 0.5
         if chosen:   # with the doubted signal, only the surely contradicted: a clean image the
             unlearn |= group & contradicted & signal   # model half-believes would widen the alike bar
